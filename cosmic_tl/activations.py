@@ -1,0 +1,100 @@
+"""Streaming float64 means of activations over prompt sets.
+
+Two kinds of activation are read, in one forward pass per batch:
+
+- ``resid_pre`` of every block at the end-of-instruction positions (candidates);
+- the *evaluation activation* of every layer at the last token (COSMIC's scores):
+  ``blocks.{j}.hook_resid_post`` for ``j < n-1`` and the final norm's output for the
+  last block — what Hugging Face returns as ``hidden_states[1:]``.
+
+Only running sums are kept, so memory does not grow with the number of prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from cosmic_tl.templates import Batch, batches
+
+
+def eval_hook_names(n_layers: int) -> list[str]:
+    """Hook names of the evaluation activations, one per layer."""
+    return [f"blocks.{j}.hook_resid_post" for j in range(n_layers - 1)] + ["ln_final.hook_out"]
+
+
+def resid_pre_names(n_layers: int) -> list[str]:
+    """Hook names of every block's input."""
+    return [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)]
+
+
+@dataclass(frozen=True)
+class Means:
+    """Means over a prompt set (float64)."""
+
+    eoi: Float[Tensor, "pos layer d_model"] | None  # resid_pre at EOI positions
+    eval: Float[Tensor, "layer d_model"]  # last-token evaluation activations
+    n_prompts: int
+
+
+def _context_length(model: Any) -> int | None:
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    return int(n_ctx) if n_ctx else None
+
+
+def prompt_batches(
+    model: Any, instructions: Sequence[str], batch_size: int, system: str | None = None
+) -> list[Batch]:
+    """Left-padded, length-sorted batches for ``model``, checked against its context."""
+    return batches(
+        model.tokenizer, instructions, batch_size, system=system, max_len=_context_length(model)
+    )
+
+
+@torch.no_grad()
+def mean_activations(
+    model: Any,
+    instructions: Sequence[str],
+    *,
+    n_eoi: int,
+    batch_size: int = 32,
+    system: str | None = None,
+    progress: bool = True,
+    desc: str = "activations",
+) -> Means:
+    """Mean ``resid_pre`` at the last ``n_eoi`` positions and mean evaluation activations.
+
+    ``n_eoi=0`` skips the ``resid_pre`` means (evaluation activations only).
+    """
+    n_layers = model.cfg.n_layers
+    eval_names = eval_hook_names(n_layers)
+    pre_names = resid_pre_names(n_layers) if n_eoi else []
+    wanted = set(eval_names) | set(pre_names)
+    width = max(n_eoi, 1)
+    eoi_sum = torch.zeros(n_eoi, n_layers, model.cfg.d_model, dtype=torch.float64)
+    eval_sum = torch.zeros(n_layers, model.cfg.d_model, dtype=torch.float64)
+    todo = prompt_batches(model, instructions, batch_size, system)
+    for batch in tqdm(todo, desc=desc, disable=not progress, leave=False):
+        _, cache = model.run_with_cache(
+            batch.tokens.to(_device(model)),
+            attention_mask=batch.attention_mask.to(_device(model)),
+            names_filter=lambda name: name in wanted,
+            pos_slice=slice(-width, None),
+        )
+        for i, name in enumerate(pre_names):
+            eoi_sum[:, i] += cache[name].double().sum(0).cpu()
+        for j, name in enumerate(eval_names):
+            eval_sum[j] += cache[name][:, -1].double().sum(0).cpu()
+    n = len(instructions)
+    return Means(eoi_sum / n if n_eoi else None, eval_sum / n, n)
+
+
+def _device(model: Any) -> torch.device:
+    """The device of the model's input embedding (where tokens must go)."""
+    return next(model.parameters()).device

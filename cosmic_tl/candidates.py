@@ -1,0 +1,189 @@
+"""Difference-in-means candidate directions for every (EOI position, layer).
+
+``r[p, l] = mean_harmful[p, l] − mean_harmless[p, l]`` of ``blocks.{l}.hook_resid_pre``
+(not normalised). The harmless mean is kept: it is the affine (ACE) reference.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jaxtyping import Float
+from torch import Tensor
+
+from cosmic_tl.activations import mean_activations
+from cosmic_tl.models import model_id
+from cosmic_tl.store import read_json, read_tensors, write_json, write_tensors
+from cosmic_tl.templates import end_of_instruction
+
+
+class IncompatibleError(ValueError):
+    """A saved result does not belong to this model or has the wrong shape."""
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Candidate refusal directions ``[pos, layer, d_model]`` and the means behind them.
+
+    ``eval_harmful`` / ``eval_harmless`` are the train sets' mean evaluation
+    activations per layer, from which COSMIC picks its evaluation layers.
+    """
+
+    directions: Float[Tensor, "pos layer d_model"]
+    harmful_mean: Float[Tensor, "pos layer d_model"]
+    harmless_mean: Float[Tensor, "pos layer d_model"]
+    eval_harmful: Float[Tensor, "layer d_model"]
+    eval_harmless: Float[Tensor, "layer d_model"]
+    positions: tuple[int, ...]
+    position_labels: tuple[str, ...]
+    eoi_token_ids: tuple[int, ...]
+    model_id: str
+    n_harmful: int
+    n_harmless: int
+
+    def __post_init__(self) -> None:
+        k, n, d = self.directions.shape
+        if self.harmful_mean.shape != (k, n, d) or self.harmless_mean.shape != (k, n, d):
+            raise IncompatibleError("means and directions differ in shape")
+        if self.eval_harmful.shape != (n, d) or self.eval_harmless.shape != (n, d):
+            raise IncompatibleError("evaluation means must be [layer, d_model]")
+        if not (len(self.positions) == len(self.position_labels) == len(self.eoi_token_ids) == k):
+            raise IncompatibleError("positions, labels and EOI tokens must match the pos axis")
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.directions.shape[1])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.directions.shape[2])
+
+    def pos_index(self, position: int) -> int:
+        """Index on the pos axis of a position counted from the end (e.g. -1)."""
+        if position not in self.positions:
+            raise KeyError(f"position {position} not among {self.positions}")
+        return self.positions.index(position)
+
+    def direction(self, position: int, layer: int) -> Float[Tensor, " d_model"]:
+        return self.directions[self.pos_index(position), layer]
+
+    def reference(self, position: int, layer: int) -> Float[Tensor, " d_model"]:
+        """The harmless mean at (position, layer): the affine reference μ⁻."""
+        return self.harmless_mean[self.pos_index(position), layer]
+
+    def check_compatible(self, model: Any) -> None:
+        """Raise :class:`IncompatibleError` if these candidates are not from ``model``."""
+        cfg = model.cfg
+        if (cfg.n_layers, cfg.d_model) != (self.n_layers, self.d_model):
+            raise IncompatibleError(
+                f"candidates are for {self.n_layers} layers × d_model {self.d_model}, the "
+                f"model has {cfg.n_layers} × {cfg.d_model} (computed for {self.model_id!r})"
+            )
+        if model_id(model) != self.model_id:
+            raise IncompatibleError(
+                f"candidates were computed on {self.model_id!r}, not {model_id(model)!r}"
+            )
+
+    # ------------------------------------------------------------ save / load
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``<path>.safetensors`` and ``<path>.json``; returns the tensor file."""
+        base = Path(path).with_suffix("")
+        write_tensors(
+            base.with_suffix(".safetensors"),
+            {
+                "directions": self.directions,
+                "harmful_mean": self.harmful_mean,
+                "harmless_mean": self.harmless_mean,
+                "eval_harmful": self.eval_harmful,
+                "eval_harmless": self.eval_harmless,
+            },
+        )
+        write_json(
+            base.with_suffix(".json"),
+            {
+                "kind": "cosmic_tl.Candidates",
+                "positions": list(self.positions),
+                "position_labels": list(self.position_labels),
+                "eoi_token_ids": list(self.eoi_token_ids),
+                "model_id": self.model_id,
+                "n_harmful": self.n_harmful,
+                "n_harmless": self.n_harmless,
+                "shape": list(self.directions.shape),
+            },
+        )
+        return base.with_suffix(".safetensors")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], model: Any | None = None) -> Candidates:
+        """Load saved candidates; with ``model``, check they belong to it."""
+        base = Path(path).with_suffix("")
+        meta = read_json(base.with_suffix(".json"))
+        if meta.get("kind") != "cosmic_tl.Candidates":
+            raise IncompatibleError(f"{base}.json does not describe cosmic_tl candidates")
+        t = read_tensors(base.with_suffix(".safetensors"))
+        if list(t["directions"].shape) != meta["shape"]:
+            raise IncompatibleError(
+                f"{base}.safetensors holds shape {list(t['directions'].shape)}, its JSON says "
+                f"{meta['shape']}: the files do not belong together"
+            )
+        try:
+            out = cls(
+                t["directions"],
+                t["harmful_mean"],
+                t["harmless_mean"],
+                t["eval_harmful"],
+                t["eval_harmless"],
+                tuple(meta["positions"]),
+                tuple(meta["position_labels"]),
+                tuple(meta["eoi_token_ids"]),
+                str(meta["model_id"]),
+                int(meta["n_harmful"]),
+                int(meta["n_harmless"]),
+            )
+        except KeyError as err:
+            raise IncompatibleError(f"{base}: missing field {err}") from err
+        if model is not None:
+            out.check_compatible(model)
+        return out
+
+
+def compute_candidates(
+    model: Any,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    batch_size: int = 32,
+    system: str | None = None,
+    progress: bool = True,
+) -> Candidates:
+    """Difference-in-means candidates from harmful and harmless training prompts.
+
+    >>> cands = compute_candidates(model, harmful_train, harmless_train)  # doctest: +SKIP
+    >>> cands.directions.shape  # [k EOI positions, n layers, d_model]     # doctest: +SKIP
+    """
+    if not harmful or not harmless:
+        raise ValueError("need at least one harmful and one harmless prompt")
+    eoi = end_of_instruction(model.tokenizer, system)
+    k = len(eoi.token_ids)
+    kw: dict[str, Any] = {"n_eoi": k, "batch_size": batch_size, "system": system}
+    mh = mean_activations(model, harmful, progress=progress, desc="harmful means", **kw)
+    ml = mean_activations(model, harmless, progress=progress, desc="harmless means", **kw)
+    assert mh.eoi is not None and ml.eoi is not None
+    return Candidates(
+        directions=mh.eoi - ml.eoi,
+        harmful_mean=mh.eoi,
+        harmless_mean=ml.eoi,
+        eval_harmful=mh.eval,
+        eval_harmless=ml.eval,
+        positions=eoi.positions,
+        position_labels=eoi.labels,
+        eoi_token_ids=eoi.token_ids,
+        model_id=model_id(model),
+        n_harmful=len(harmful),
+        n_harmless=len(harmless),
+    )

@@ -1,0 +1,1 @@
+"""Recipes that build refusal model organisms (registered as model aliases)."""

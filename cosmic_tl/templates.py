@@ -1,0 +1,180 @@
+"""Chat formatting, end-of-instruction (EOI) tokens and token labels.
+
+Prompts are formatted with the tokenizer's own chat template (user turn plus the
+generation prompt). The EOI tokens are whatever the template puts after the
+instruction text; they are derived by rendering the template around a sentinel
+instruction, never typed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+_SENTINEL = "Zq7 sentinel instruction Xw3"
+
+
+class ChatTemplateError(ValueError):
+    """The tokenizer has no usable chat template, or the template misbehaves."""
+
+
+def _messages(instruction: str, system: str | None) -> list[dict[str, str]]:
+    msgs = [] if system is None else [{"role": "system", "content": system}]
+    return [*msgs, {"role": "user", "content": instruction}]
+
+
+def format_prompt(tokenizer: Any, instruction: str, system: str | None = None) -> str:
+    """Render one instruction as the model sees it before answering.
+
+    ``system=None`` keeps the template's default system prompt (if any); a string
+    (``""`` included) is passed as an explicit system message.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(
+            "this tokenizer has no chat template. Set one before use, e.g. "
+            "`model.tokenizer.chat_template = '<jinja template>'`, or pass "
+            "chat_template=... to cosmic_tl functions that accept it"
+        )
+    try:
+        text = tokenizer.apply_chat_template(
+            _messages(instruction, system), add_generation_prompt=True, tokenize=False
+        )
+    except Exception as err:  # jinja raises its own TemplateError types
+        raise ChatTemplateError(f"the chat template failed to render: {err}") from err
+    return str(text)
+
+
+@dataclass(frozen=True)
+class EOI:
+    """End-of-instruction tokens of a chat template.
+
+    ``positions`` counts from the end: ``(-k, ..., -1)``.
+    """
+
+    token_ids: tuple[int, ...]
+    labels: tuple[str, ...]
+
+    @property
+    def positions(self) -> tuple[int, ...]:
+        k = len(self.token_ids)
+        return tuple(range(-k, 0))
+
+
+def token_label(tokenizer: Any, token_id: int) -> str:
+    """A readable label for one token (newlines and spaces made visible)."""
+    text = tokenizer.decode([token_id])
+    return text.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "␣") or f"<{token_id}>"
+
+
+def end_of_instruction(tokenizer: Any, system: str | None = None) -> EOI:
+    """Derive the EOI tokens: the template tokens after the instruction text.
+
+    The template is rendered around a sentinel instruction; the text after the
+    sentinel is tokenized on its own and checked to be the tail of the full
+    tokenized prompt (so tokens do not merge across the boundary).
+    """
+    text = format_prompt(tokenizer, _SENTINEL, system)
+    if text.count(_SENTINEL) != 1:
+        raise ChatTemplateError("the chat template does not place the instruction verbatim")
+    suffix = text.split(_SENTINEL, 1)[1]
+    if not suffix:
+        raise ChatTemplateError("the chat template adds nothing after the instruction")
+    suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    k = len(suffix_ids)
+    if k == 0 or list(full_ids[-k:]) != list(suffix_ids):
+        raise ChatTemplateError(
+            "the end-of-instruction text does not tokenize the same on its own as at the "
+            "end of a prompt; cannot derive end-of-instruction tokens for this template"
+        )
+    return EOI(tuple(int(t) for t in suffix_ids), tuple(token_label(tokenizer, t) for t in suffix_ids))
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A left-padded batch of tokenized prompts."""
+
+    tokens: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    index: tuple[int, ...]  # which prompts of the caller's list these rows are
+
+    @property
+    def lengths(self) -> Int[Tensor, " batch"]:
+        return self.attention_mask.sum(-1)
+
+
+def encode(
+    tokenizer: Any,
+    instructions: Sequence[str],
+    *,
+    system: str | None = None,
+    max_len: int | None = None,
+) -> list[list[int]]:
+    """Format and tokenize prompts (no extra special tokens: the template has them).
+
+    Raises ``ValueError`` naming the prompt if one is longer than ``max_len``.
+    """
+    if not instructions:
+        raise ValueError("no prompts to tokenize")
+    ids = [
+        list(tokenizer(format_prompt(tokenizer, x, system), add_special_tokens=False)["input_ids"])
+        for x in instructions
+    ]
+    if max_len is not None:
+        for x, row in zip(instructions, ids, strict=True):
+            if len(row) > max_len:
+                raise ValueError(
+                    f"prompt is {len(row)} tokens, longer than the model's context of "
+                    f"{max_len}: {x[:80]!r}"
+                )
+    return ids
+
+
+def left_pad(ids: Sequence[Sequence[int]], pad_id: int, index: Sequence[int]) -> Batch:
+    """Stack token rows into a left-padded batch with its attention mask."""
+    width = max(len(r) for r in ids)
+    tokens = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        tokens[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
+    return Batch(tokens, mask, tuple(index))
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The pad token id, falling back to EOS (padding is masked out anyway)."""
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0
+
+
+def batches(
+    tokenizer: Any,
+    instructions: Sequence[str],
+    batch_size: int,
+    *,
+    system: str | None = None,
+    max_len: int | None = None,
+    by_length: bool = True,
+) -> list[Batch]:
+    """Split prompts into left-padded batches.
+
+    With ``by_length`` the prompts are sorted by token count first, so each batch
+    needs little padding; ``Batch.index`` maps rows back to the caller's order.
+    Means over prompts do not depend on the order.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    ids = encode(tokenizer, instructions, system=system, max_len=max_len)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i])) if by_length else list(range(len(ids)))
+    pad = pad_id(tokenizer)
+    return [
+        left_pad([ids[i] for i in chunk], pad, chunk)
+        for chunk in (order[s : s + batch_size] for s in range(0, len(order), batch_size))
+    ]
