@@ -1,0 +1,149 @@
+"""Speed of the scoring engine against the straightforward reference loop.
+
+On smollm2-135m-instruct with bundled prompts, for ACE and LCE: run the reference loop
+(three full forward passes per candidate, full logits, every layer) and the engine side
+by side in one process, print wall times, the speed ratio, executed GFLOP and GFLOP/s
+against the measured matmul rate, and whether the COSMIC and baseline picks agree.
+Then time the engine alone on the CPU preset (n_train 64, n_val 16, ACE).
+
+    python benchmarks/bench_selection.py [--n-train 32] [--n-val 8] [--skip-preset]
+
+Last line: ``speedup=<min ratio over modes> picks_agree=<true|false>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from _common import forward_flops, matmul_rate
+from reference_impl import _batches, reference_scores
+
+import cosmic_tl as ct
+from cosmic_tl.selection import NoCandidateError
+
+
+def picks(scores: ct.Scores) -> tuple[object, object]:
+    try:
+        cosmic = ct.select_cosmic(scores).pick
+    except NoCandidateError as err:
+        cosmic = ("none", tuple(sorted(err.selection.counts.items())))
+    return cosmic, ct.select_refusal_tokens(scores).pick
+
+
+def as_scores(ref: dict, like: ct.Scores, mode: str) -> ct.Scores:
+    done = {k: torch.ones_like(v, dtype=torch.bool) for k, v in ref["grids"].items()}
+    return ct.Scores(
+        ref["grids"],
+        done,
+        like.positions,
+        like.position_labels,
+        ref["eval_layers"],
+        ref["layer_cosines"],
+        ref["b_harmful"],
+        ref["b_harmless"],
+        mode,
+        1.0,
+        like.model_id,
+    )
+
+
+def sample(kind: str, split: str, n: int, seed: int) -> list[str]:
+    return ct.sample_prompts(ct.load_bundled(kind, split), n, seed=seed)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--n-train", type=int, default=32)
+    ap.add_argument("--n-val", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--skip-preset", action="store_true", help="skip the CPU-preset timing")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    rate = matmul_rate()
+    print(f"threads={torch.get_num_threads()} measured fp32 matmul rate: {rate:.1f} GFLOP/s")
+    model = ct.load_model(args.model, device="cpu")
+    h_tr, l_tr = (sample(k, "train", args.n_train, args.seed) for k in ("harmful", "harmless"))
+    h_val, l_val = (sample(k, "val", args.n_val, args.seed) for k in ("harmful", "harmless"))
+    cands = ct.compute_candidates(model, h_tr, l_tr, batch_size=args.batch_size, progress=False)
+    k, n = cands.directions.shape[:2]
+    token_ids = ct.encode_refusal_tokens(model.tokenizer, ct.default_refusal_tokens(args.model))
+    pass_flops = forward_flops(model, list(_batches(model, h_val, args.batch_size)), full_logits=True)
+    pass_flops += 2 * forward_flops(
+        model, list(_batches(model, l_val, args.batch_size)), full_logits=True
+    )
+    print(
+        f"model={args.model} layers={n} positions={k} candidates={k * n} "
+        f"n_train={args.n_train} n_val={args.n_val}"
+    )
+
+    ratios, agree = [], []
+    for mode in ("ace", "lce"):
+        t0 = time.perf_counter()
+        ref = reference_scores(
+            model,
+            cands.directions,
+            cands.harmless_mean,
+            h_tr,
+            l_tr,
+            h_val,
+            l_val,
+            mode=mode,
+            token_ids=token_ids,
+            batch_size=args.batch_size,
+        )
+        t_ref = time.perf_counter() - t0
+        ref_flops = k * n * pass_flops  # three full passes per candidate (train means excluded)
+        t0 = time.perf_counter()
+        eng = ct.score_candidates(
+            model, cands, h_val, l_val, mode=mode, batch_size=args.batch_size, progress=False
+        )
+        t_eng = time.perf_counter() - t0
+        eng_flops = eng.stats["gflop"] * 1e9  # includes the clean passes
+        ref_picks, eng_picks = picks(as_scores(ref, eng, mode)), picks(eng)
+        diff = max(
+            float((eng.grids[g][eng.computed[g]] - ref["grids"][g][eng.computed[g]]).abs().max())
+            for g in eng.grids
+            if bool(eng.computed[g].any())
+        )
+        ok = ref_picks == eng_picks
+        ratios.append(t_ref / t_eng)
+        agree.append(ok)
+        print(
+            f"[{mode}] reference loop: {t_ref:8.1f} s  {ref_flops / 1e9:9.0f} GFLOP  "
+            f"{ref_flops / t_ref / 1e9:6.1f} GFLOP/s ({ref_flops / t_ref / 1e9 / rate:.0%} of matmul rate)"
+        )
+        print(
+            f"[{mode}] engine:         {t_eng:8.1f} s  {eng_flops / 1e9:9.0f} GFLOP  "
+            f"{eng_flops / t_eng / 1e9:6.1f} GFLOP/s ({eng_flops / t_eng / 1e9 / rate:.0%} of matmul rate)"
+        )
+        print(
+            f"[{mode}] speedup {t_ref / t_eng:.2f}x; max |grid diff| on computed cells {diff:.2e}; "
+            f"picks (cosmic, baseline) reference={ref_picks} engine={eng_picks} agree={ok}"
+        )
+
+    if not args.skip_preset:
+        cfg = ct.preset("cpu")
+        h_tr, l_tr = (sample(k, "train", cfg.n_train, cfg.seed) for k in ("harmful", "harmless"))
+        h_val, l_val = (sample(k, "val", cfg.n_val, cfg.seed) for k in ("harmful", "harmless"))
+        t0 = time.perf_counter()
+        c = ct.compute_candidates(model, h_tr, l_tr, batch_size=cfg.batch_size, progress=False)
+        s = ct.score_candidates(
+            model, c, h_val, l_val, mode="ace", batch_size=cfg.batch_size, progress=False
+        )
+        sel = ct.select_cosmic(s, candidates=c)
+        base = ct.select_refusal_tokens(s, candidates=c)
+        print(
+            f"[cpu preset, ace] candidates + scoring + selection: {time.perf_counter() - t0:.1f} s "
+            f"(n_train {cfg.n_train}, n_val {cfg.n_val}); cosmic pick {sel.pick}, "
+            f"baseline pick {base.pick}"
+        )
+    print(f"speedup={min(ratios):.2f} picks_agree={'true' if all(agree) else 'false'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,346 @@
+"""Filters and ranking of COSMIC and of the refusal-token baseline (pure logic on grids).
+
+Both take a :class:`~cosmic_tl.scoring.Scores` and return a :class:`Selection` that
+records the pick and, for every candidate, whether and why it was discarded.
+COSMIC raises :class:`NoCandidateError` when nothing survives (as the reference
+asserts); for the baseline an empty result is a normal outcome and is returned.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from cosmic_tl.config import SelectionSettings
+from cosmic_tl.scoring import Scores, cosine
+from cosmic_tl.store import read_json, read_tensors, write_json, write_tensors
+
+Method = Literal["cosmic", "refusal_tokens"]
+KEPT = ""
+# In the order they are checked; a candidate is counted under the first that applies.
+COSMIC_FILTERS = ("late_layer", "last_position", "nan", "kl")
+BASELINE_FILTERS = ("late_layer", "nan", "induce", "kl")
+RELAX = {
+    "late_layer": "max_layer_fraction",
+    "last_position": "last_position_rule",
+    "nan": "(none: NaN scores come from the model's activations)",
+    "kl": "kl_threshold",
+    "induce": "induce_threshold",
+}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A method's pick on a score grid and the fate of every candidate."""
+
+    method: Method
+    position: int | None
+    layer: int | None
+    scores: dict[str, float]
+    ranking: Float[Tensor, "pos layer"]
+    reasons: tuple[tuple[str, ...], ...]  # [pos][layer]: "" if kept, else the filter
+    counts: dict[str, int]
+    positions: tuple[int, ...]
+    mode: str
+    model_id: str
+    direction: Float[Tensor, " d_model"] | None = None
+    reference: Float[Tensor, " d_model"] | None = None
+    message: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def found(self) -> bool:
+        return self.position is not None and self.layer is not None
+
+    @property
+    def pick(self) -> tuple[int, int] | None:
+        if self.position is None or self.layer is None:
+            return None
+        return (self.position, self.layer)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        base = Path(path).with_suffix("")
+        tensors = {"ranking": self.ranking}
+        if self.direction is not None:
+            tensors["direction"] = self.direction
+        if self.reference is not None:
+            tensors["reference"] = self.reference
+        write_tensors(base.with_suffix(".safetensors"), tensors)
+        meta = {
+            "kind": "cosmic_tl.Selection",
+            "method": self.method,
+            "position": self.position,
+            "layer": self.layer,
+            "scores": self.scores,
+            "reasons": [list(r) for r in self.reasons],
+            "counts": self.counts,
+            "positions": list(self.positions),
+            "mode": self.mode,
+            "model_id": self.model_id,
+            "message": self.message,
+            "extra": self.extra,
+        }
+        return write_json(base.with_suffix(".json"), meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Selection:
+        base = Path(path).with_suffix("")
+        meta = read_json(base.with_suffix(".json"))
+        if meta.get("kind") != "cosmic_tl.Selection":
+            raise ValueError(f"{base}.json is not a cosmic_tl selection")
+        t = read_tensors(base.with_suffix(".safetensors"))
+        return cls(
+            meta["method"],
+            meta["position"],
+            meta["layer"],
+            dict(meta["scores"]),
+            t["ranking"],
+            tuple(tuple(r) for r in meta["reasons"]),
+            dict(meta["counts"]),
+            tuple(meta["positions"]),
+            meta["mode"],
+            meta["model_id"],
+            t.get("direction"),
+            t.get("reference"),
+            meta["message"],
+            dict(meta.get("extra", {})),
+        )
+
+
+class NoCandidateError(RuntimeError):
+    """Every candidate was discarded; ``.selection`` still records why."""
+
+    def __init__(self, selection: Selection) -> None:
+        super().__init__(selection.message)
+        self.selection = selection
+
+
+def max_layer(n_layers: int, settings: SelectionSettings) -> int:
+    """Candidates at layers ``>= ⌊max_layer_fraction·n⌋`` are discarded."""
+    return math.floor(settings.max_layer_fraction * n_layers)
+
+
+def _nan_argmax(row: Tensor) -> float:
+    if torch.isnan(row).all():
+        return math.nan
+    return float(torch.nan_to_num(row, nan=-math.inf).argmax())
+
+
+def last_position_bounds(
+    s_abl: Float[Tensor, "pos layer"], s_add: Float[Tensor, "pos layer"], positions: tuple[int, ...]
+) -> tuple[float, float]:
+    """``(A, S)``: lower medians over positions ``-k..-2`` of the argmax layer of each score.
+
+    NaN when there is no position other than -1 (nothing is then pruned).
+    """
+    rows = [i for i, p in enumerate(positions) if p != -1]
+    if not rows:
+        return math.nan, math.nan
+    a = torch.tensor([_nan_argmax(s_abl[i]) for i in rows], dtype=torch.float64)
+    s = torch.tensor([_nan_argmax(s_add[i]) for i in rows], dtype=torch.float64)
+    return float(torch.nanmedian(a)), float(torch.nanmedian(s))
+
+
+def _cells(shape: tuple[int, int]) -> Iterator[tuple[int, int]]:
+    for i in range(shape[0]):
+        for j in range(shape[1]):
+            yield i, j
+
+
+def cosmic_prefilter(scores: Scores, settings: SelectionSettings) -> list[list[str]]:
+    """Reasons from every COSMIC filter except KL (which needs the ranking order)."""
+    s_abl, s_add = scores.grids["S_abl"], scores.grids["S_add"]
+    top = max_layer(scores.n_layers, settings)
+    a, s = last_position_bounds(s_abl, s_add, scores.positions)
+    reasons = [[KEPT] * scores.n_layers for _ in scores.positions]
+    for i, j in _cells(tuple(s_abl.shape)):  # type: ignore[arg-type]
+        if j >= top:
+            reasons[i][j] = "late_layer"
+        elif settings.last_position_rule and scores.positions[i] == -1 and j > a and j > s:
+            reasons[i][j] = "last_position"
+        elif math.isnan(float(s_abl[i, j])) or math.isnan(float(s_add[i, j])):
+            reasons[i][j] = "nan"
+    return reasons
+
+
+def baseline_prefilter(scores: Scores, settings: SelectionSettings) -> list[list[str]]:
+    """Reasons from the baseline's filters except KL."""
+    top = max_layer(scores.n_layers, settings)
+    induce, bypass = scores.grids["induce"], scores.grids["bypass"]
+    reasons = [[KEPT] * scores.n_layers for _ in scores.positions]
+    for i, j in _cells(tuple(induce.shape)):  # type: ignore[arg-type]
+        if j >= top:
+            reasons[i][j] = "late_layer"
+        elif math.isnan(float(induce[i, j])):
+            reasons[i][j] = "nan"
+        elif float(induce[i, j]) < settings.induce_threshold:
+            reasons[i][j] = "induce"
+        elif math.isnan(float(bypass[i, j])):
+            reasons[i][j] = "nan"
+    return reasons
+
+
+def ranked(
+    ranking: Float[Tensor, "pos layer"], reasons: list[list[str]], descending: bool
+) -> list[tuple[int, int]]:
+    """Surviving cells from best to worst (ties broken by position, then layer)."""
+    cells = [(i, j) for i, j in _cells(tuple(ranking.shape)) if reasons[i][j] == KEPT]  # type: ignore[arg-type]
+    sign = -1.0 if descending else 1.0
+    return sorted(cells, key=lambda c: (sign * float(ranking[c]), c))
+
+
+def _apply_kl(
+    scores: Scores, order: list[tuple[int, int]], reasons: list[list[str]], threshold: float
+) -> tuple[int, int] | None:
+    """Walk the ranking; discard by KL until the first survivor (the pick)."""
+    kl, done = scores.grids["KL"], scores.computed["KL"]
+    for i, j in order:
+        if not bool(done[i, j]):
+            raise ValueError(
+                f"KL was not computed for candidate (pos {scores.positions[i]}, layer {j}), "
+                "which could be the pick; score with full grids or let the engine choose"
+            )
+        value = float(kl[i, j])
+        if math.isnan(value):
+            reasons[i][j] = "nan"
+        elif value > threshold:
+            reasons[i][j] = "kl"
+        else:
+            return (i, j)
+    return None
+
+
+def _finish(
+    method: Method,
+    scores: Scores,
+    ranking: Tensor,
+    reasons: list[list[str]],
+    pick: tuple[int, int] | None,
+    filters: tuple[str, ...],
+    candidates: Any | None,
+) -> Selection:
+    counts = {f: sum(r.count(f) for r in reasons) for f in filters}
+    total = len(scores.positions) * scores.n_layers
+    if pick is None:
+        detail = ", ".join(f"{counts[f]} by {f} (setting: {RELAX[f]})" for f in filters)
+        message = f"{method}: all {total} candidates were discarded: {detail}"
+        return Selection(
+            method,
+            None,
+            None,
+            {},
+            ranking,
+            tuple(map(tuple, reasons)),
+            counts,
+            scores.positions,
+            scores.mode,
+            scores.model_id,
+            message=message,
+        )
+    i, j = pick
+    position = scores.positions[i]
+    values = {k: float(g[i, j]) for k, g in scores.grids.items() if bool(scores.computed[k][i, j])}
+    direction = reference = None
+    if candidates is not None:
+        direction, reference = candidates.direction(position, j), candidates.reference(position, j)
+    message = f"{method}: picked position {position}, layer {j} of {total} candidates"
+    return Selection(
+        method,
+        position,
+        j,
+        values,
+        ranking,
+        tuple(map(tuple, reasons)),
+        counts,
+        scores.positions,
+        scores.mode,
+        scores.model_id,
+        direction,
+        reference,
+        message,
+    )
+
+
+def select_cosmic(
+    scores: Scores, settings: SelectionSettings | None = None, candidates: Any | None = None
+) -> Selection:
+    """COSMIC: filters of §3, then the maximum of ``S_abl + S_add``.
+
+    Raises :class:`NoCandidateError` (with the per-filter counts) if nothing survives.
+    """
+    settings = settings or SelectionSettings()
+    ranking = scores.grids["S_abl"] + scores.grids["S_add"]
+    reasons = cosmic_prefilter(scores, settings)
+    pick = _apply_kl(scores, ranked(ranking, reasons, True), reasons, settings.kl_threshold)
+    out = _finish("cosmic", scores, ranking, reasons, pick, COSMIC_FILTERS, candidates)
+    if not out.found:
+        raise NoCandidateError(out)
+    return out
+
+
+def select_refusal_tokens(
+    scores: Scores, settings: SelectionSettings | None = None, candidates: Any | None = None
+) -> Selection:
+    """Arditi's baseline: drop late layers, ``induce < 0`` and ``KL > 0.1``; minimum bypass.
+
+    An empty result (``selection.found`` is False) is a normal outcome.
+    """
+    settings = settings or SelectionSettings()
+    if "bypass" not in scores.grids:
+        raise ValueError("these scores have no refusal-token grids (baseline disabled)")
+    ranking = scores.grids["bypass"]
+    reasons = baseline_prefilter(scores, settings)
+    pick = _apply_kl(scores, ranked(ranking, reasons, False), reasons, settings.kl_threshold)
+    return _finish("refusal_tokens", scores, ranking, reasons, pick, BASELINE_FILTERS, candidates)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """COSMIC's pick beside the baseline's."""
+
+    same_pick: bool
+    cosmic_pick: tuple[int, int] | None
+    baseline_pick: tuple[int, int] | None
+    cosmic_rank_under_baseline: int | None  # 1 = best bypass score among all candidates
+    baseline_rank_under_cosmic: int | None  # 1 = best S_abl + S_add
+    direction_cosine: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _rank(ranking: Tensor, cell: tuple[int, int], descending: bool) -> int | None:
+    value = float(ranking[cell])
+    if math.isnan(value):
+        return None
+    finite = ranking[~torch.isnan(ranking)]
+    better = (finite > value) if descending else (finite < value)
+    return int(better.sum()) + 1
+
+
+def compare(cosmic: Selection, baseline: Selection) -> Comparison:
+    """Same pick? Each pick's rank under the other method's score; cosine of directions."""
+    c_cell = b_cell = None
+    if cosmic.pick:
+        c_cell = (cosmic.positions.index(cosmic.pick[0]), cosmic.pick[1])
+    if baseline.pick:
+        b_cell = (baseline.positions.index(baseline.pick[0]), baseline.pick[1])
+    cos = None
+    if cosmic.direction is not None and baseline.direction is not None:
+        cos = cosine(cosmic.direction, baseline.direction)
+    return Comparison(
+        same_pick=cosmic.pick is not None and cosmic.pick == baseline.pick,
+        cosmic_pick=cosmic.pick,
+        baseline_pick=baseline.pick,
+        cosmic_rank_under_baseline=_rank(baseline.ranking, c_cell, False) if c_cell else None,
+        baseline_rank_under_cosmic=_rank(cosmic.ranking, b_cell, True) if b_cell else None,
+        direction_cosine=cos,
+    )
