@@ -36,9 +36,9 @@ def format_prompt(tokenizer: Any, instruction: str, system: str | None = None) -
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError(
-            "this tokenizer has no chat template. Set one before use, e.g. "
-            "`model.tokenizer.chat_template = '<jinja template>'`, or pass "
-            "chat_template=... to cosmic_tl functions that accept it"
+            "this tokenizer has no chat template, so prompts cannot be formatted as chat "
+            "turns. Set one before use: `model.tokenizer.chat_template = '<jinja template>'` "
+            "(e.g. copied from the instruction-tuned sibling of this model)"
         )
     try:
         text = tokenizer.apply_chat_template(
