@@ -14,6 +14,7 @@ with install_import_hook("cosmic_tl", "beartype.beartype"):
     import cosmic_tl.activations  # noqa: F401
     import cosmic_tl.candidates  # noqa: F401
     import cosmic_tl.interventions  # noqa: F401
+    import cosmic_tl.plots  # noqa: F401
     import cosmic_tl.scoring  # noqa: F401
     import cosmic_tl.selection  # noqa: F401
     import cosmic_tl.sweep  # noqa: F401

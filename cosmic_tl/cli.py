@@ -1,0 +1,177 @@
+"""The ``cosmic-tl`` command: a run directory from a model and prompt sets.
+
+    cosmic-tl run [--preset cpu|paper|arditi] [--out runs/NAME] [--FIELD VALUE ...]
+    cosmic-tl candidates|score|select|evaluate ...   (run up to that stage)
+    cosmic-tl report --out runs/NAME                 (re-render report.html)
+    cosmic-tl models                                 (aliases and whether they are built)
+    cosmic-tl build smollm2-135m-refuse              (build an organism ahead of time)
+
+Every ``Config`` field is an option (``--n-train 64``, ``--mode lce``, ``--kl-threshold 0.2``);
+the command line maps 1:1 onto :class:`cosmic_tl.config.Config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from cosmic_tl.config import PRESETS, Config, SelectionSettings, preset
+
+STAGE_COMMANDS = {
+    "candidates": "candidates",
+    "score": "scores",
+    "select": "select",
+    "evaluate": "evaluate",
+    "run": "run",
+}
+
+
+def _option_kwargs(hint: Any, default: Any) -> dict[str, Any]:
+    """argparse keyword arguments for one typed config field."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    optional = origin in (typing.Union, types.UnionType) and type(None) in args
+    if optional:
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is Literal:
+        return {"choices": list(args)}
+    if origin is tuple:
+        return {"nargs": "+", "metavar": "TOKEN"}
+    if hint in (int, float, str):
+        return {"type": hint}
+    raise TypeError(f"no command-line mapping for {hint!r}")
+
+
+def _fields() -> list[tuple[str, Any, Any, str]]:
+    """(name, type, default, help) of every flat Config and SelectionSettings field."""
+    out = []
+    for cls in (Config, SelectionSettings):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "selection":
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else None
+            out.append((f.name, hints[f.name], default, str(f.metadata.get("help", ""))))
+    return out
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preset",
+        default="cpu",
+        choices=sorted(PRESETS),
+        help="base settings (default: cpu); options below override it",
+    )
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<model>-<mode>)")
+    p.add_argument("--force", action="store_true", help="reuse a run directory of another model")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    group = p.add_argument_group("settings (cosmic_tl.config.Config)")
+    for name, hint, default, help_ in _fields():
+        kw = _option_kwargs(hint, default)
+        group.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            default=None,
+            help=f"{help_} (preset default: {default})",
+            **kw,
+        )
+
+
+def config_from_args(ns: argparse.Namespace) -> Config:
+    """The preset with every option the user gave applied on top."""
+    changes = {name: getattr(ns, name) for name, *_ in _fields() if getattr(ns, name, None) is not None}
+    if "refusal_tokens" in changes:
+        changes["refusal_tokens"] = tuple(changes["refusal_tokens"])
+    return preset(ns.preset, **changes)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="cosmic-tl",
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = ap.add_subparsers(dest="command", required=True)
+    for name in STAGE_COMMANDS:
+        _add_config_options(sub.add_parser(name, help=f"run the pipeline up to '{name}'"))
+    rep = sub.add_parser("report", help="re-render report.html of a run directory")
+    rep.add_argument("--out", type=Path, required=True)
+    sub.add_parser("models", help="list built-in model aliases and whether they are built")
+    b = sub.add_parser("build", help="build a model alias (e.g. an organism) into the cache")
+    b.add_argument("alias")
+    b.add_argument("--rebuild", action="store_true")
+    return ap
+
+
+def _default_out(cfg: Config) -> Path:
+    safe = cfg.model.replace("/", "_").strip("._") or "model"
+    return Path("runs") / f"{safe}-{cfg.mode}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    say = logging.getLogger("cosmic_tl").info
+    try:
+        return _dispatch(ns, say)
+    except KeyboardInterrupt:
+        say("interrupted: finished stages are kept; run the same command again to resume")
+        return 130
+    except (ValueError, OSError, RuntimeError) as err:
+        say(f"error: {err}")
+        return 2
+
+
+def _dispatch(ns: argparse.Namespace, say: Any) -> int:
+    from cosmic_tl import models
+
+    if ns.command == "models":
+        for name, alias in sorted(models.aliases().items()):
+            state = "built" if models.is_cached(name) else "not built"
+            say(f"{name:28s} {state:10s} {alias.description}")
+        say(f"cache: {models.cache_dir()}")
+        return 0
+    if ns.command == "build":
+        if ns.alias not in models.aliases():
+            raise ValueError(f"unknown alias {ns.alias!r}; see `cosmic-tl models`")
+        say(f"building {ns.alias} (organisms take several minutes on a CPU) ...")
+        say(f"built: {models.ensure_alias(ns.alias, rebuild=ns.rebuild)}")
+        return 0
+    from cosmic_tl.pipeline import Pipeline
+    from cosmic_tl.store import read_json
+
+    if ns.command == "report":
+        cfg = Config.from_dict(read_json(ns.out / "config.json"))
+        Pipeline(cfg, ns.out, progress=False, say=say).report()
+        return 0
+    cfg = config_from_args(ns)
+    _announce_build(cfg, say)
+    pipe = Pipeline(cfg, ns.out or _default_out(cfg), progress=not ns.quiet, force=ns.force, say=say)
+    stage = STAGE_COMMANDS[ns.command]
+    if stage == "run":
+        pipe.run()
+    else:
+        getattr(pipe, stage)()
+        pipe.report()
+    return 0
+
+
+def _announce_build(cfg: Config, say: Any) -> None:
+    from cosmic_tl import models
+
+    kind, name = models.resolve_spec(cfg.model)
+    if kind == "alias" and not models.is_cached(name):
+        say(f"model {name} is not built yet; building it first (see `cosmic-tl build {name}`) ...")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

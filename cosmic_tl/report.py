@@ -1,0 +1,125 @@
+"""The self-contained HTML report of a run directory (plotly.js embedded, works offline)."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from plotly.offline import get_plotlyjs
+
+from cosmic_tl.config import Config
+from cosmic_tl.evaluation import Rate
+from cosmic_tl.rundir import RunDir, relative_links
+from cosmic_tl.scoring import Scores
+from cosmic_tl.selection import Selection
+from cosmic_tl.store import atomic_write_bytes, read_json
+
+CSS = """
+body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}
+th{background:#f4f4f4}.fig{margin:1.5em 0}.warn{color:#a40}code{background:#f4f4f4;padding:0 .2em}
+"""
+
+
+def _esc(x: Any) -> str:
+    return html.escape(str(x))
+
+
+def _rate(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "–"
+    r = Rate.from_dict(d)
+    return f"{r.rate:.0%} [{r.low:.0%}, {r.high:.0%}] ({r.k}/{r.n})"
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    return "<table>" + "".join(f"<tr><th>{_esc(a)}</th><td>{b}</td></tr>" for a, b in rows) + "</table>"
+
+
+def _load(dir_: RunDir, name: str, kind: Any) -> Any:
+    return kind.load(dir_.path(name)) if dir_.path(f"{name}.json").exists() else None
+
+
+def render(dir_: RunDir, cfg: Config) -> str:
+    """The report's HTML text for a run directory."""
+    from cosmic_tl.plots import refusal_bars, summary_figures
+
+    scores: Scores | None = _load(dir_, "scores", Scores)
+    cosmic: Selection | None = _load(dir_, "selection_cosmic", Selection)
+    base: Selection | None = _load(dir_, "selection_refusal_tokens", Selection)
+    metrics = dict(read_json(dir_.path("metrics.json"))) if dir_.path("metrics.json").exists() else {}
+    comparison = (
+        dict(read_json(dir_.path("comparison.json"))) if dir_.path("comparison.json").exists() else {}
+    )
+    parts = [f"<h1>cosmic_tl run: {_esc(cfg.model)}</h1>"]
+    summary = [
+        ("model", _esc(cfg.model)),
+        ("mode", _esc(cfg.mode.upper())),
+        ("prompts (train / val / test per set)", f"{cfg.n_train} / {cfg.n_val} / {cfg.n_test}"),
+    ]
+    for sel, label in ((cosmic, "COSMIC pick"), (base, "refusal-token baseline pick")):
+        if sel is None:
+            continue
+        text = (
+            f"position {sel.position}, layer {sel.layer}"
+            if sel.found
+            else f"<span class=warn>none: {_esc(sel.message)}</span>"
+        )
+        summary.append((label, text))
+    if comparison:
+        summary.append(("same pick", _esc(comparison.get("same_pick"))))
+        if comparison.get("direction_cosine") is not None:
+            summary.append(
+                ("cosine between the two directions", f"{comparison['direction_cosine']:.3f}")
+            )
+    summary.append(("stage timings (s)", _esc(json.dumps(dir_.timings()))))
+    parts.append("<h2>Summary</h2>" + _table(summary))
+    if metrics:
+        rows = [("judge phrases", _esc(", ".join(metrics.get("judge_phrases", []))))]
+        rows += [
+            (k, _rate(metrics.get(k))) for k in ("harmful, no intervention", "harmless, no intervention")
+        ]
+        for method in ("cosmic", "refusal_tokens"):
+            m = metrics.get(method)
+            if not m:
+                continue
+            if not m.get("found"):
+                rows.append((f"{method}", "no direction to evaluate"))
+                continue
+            rows += [
+                (f"{method}: refusal on harmful, direction ablated", _rate(m.get("harmful, ablated"))),
+                (f"{method}: attack success rate", _rate(m.get("attack success rate"))),
+                (f"{method}: refusal on harmless, direction added", _rate(m.get("harmless, added"))),
+                (f"{method}: KL on harmless", _esc(m.get("KL"))),
+            ]
+        parts.append("<h2>Evaluation (refusal rates, Wilson 95% intervals)</h2>" + _table(rows))
+    figures = summary_figures(scores, cosmic, base) if scores is not None else {}
+    if metrics:
+        bars = {
+            k: Rate.from_dict(metrics[k])
+            for k in ("harmful, no intervention", "harmless, no intervention")
+            if k in metrics
+        }
+        m = metrics.get("cosmic") or {}
+        if m.get("found"):
+            bars["harmful, COSMIC ablated"] = Rate.from_dict(m["harmful, ablated"])
+            bars["harmless, COSMIC added"] = Rate.from_dict(m["harmless, added"])
+        figures["refusal_rates"] = refusal_bars(bars, title="Refusal rates")
+    parts.append("<h2>Figures</h2>")
+    for name, fig in figures.items():
+        div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{name}")
+        parts.append(f"<div class=fig id='{_esc(name)}'>{div}</div>")
+    links = "".join(f"<li><a href='{_esc(p)}'>{_esc(p)}</a></li>" for p in relative_links(dir_.root))
+    parts.append(f"<h2>Raw files</h2><ul>{links}</ul>")
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>cosmic_tl report</title>"
+        f"<style>{CSS}</style><script type='text/javascript'>{get_plotlyjs()}</script></head>"
+        f"<body>{''.join(parts)}</body></html>"
+    )
+
+
+def write_report(dir_: RunDir, cfg: Config) -> Path:
+    """Render and atomically write ``report.html``."""
+    return atomic_write_bytes(dir_.path("report.html"), render(dir_, cfg).encode())
