@@ -11,9 +11,27 @@ from cosmic_tl.config import Config, preset
 
 
 def _args(tiny_dir, out, *extra):
-    return ["run", "--model", str(tiny_dir), "--out", str(out), "--n-train", "4", "--n-val", "3",
-            "--n-test", "2", "--max-new-tokens", "3", "--batch-size", "4", "--quiet",
-            "--kl-threshold", "1e9", *extra]
+    return [
+        "run",
+        "--model",
+        str(tiny_dir),
+        "--out",
+        str(out),
+        "--n-train",
+        "4",
+        "--n-val",
+        "3",
+        "--n-test",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--batch-size",
+        "4",
+        "--quiet",
+        "--kl-threshold",
+        "1e9",
+        *extra,
+    ]
 
 
 def _stages(out):
@@ -28,10 +46,21 @@ def first_run(tiny_dir, tmp_path_factory):
 
 
 def test_run_writes_every_artifact(first_run):
-    for name in ("config.json", "candidates.safetensors", "candidates.json", "scores.safetensors",
-                 "scores.json", "selection_cosmic.json", "selection_refusal_tokens.json",
-                 "comparison.json", "direction.safetensors", "direction.json", "metrics.json",
-                 "report.html", "completions/harmful_baseline.jsonl"):
+    for name in (
+        "config.json",
+        "candidates.safetensors",
+        "candidates.json",
+        "scores.safetensors",
+        "scores.json",
+        "selection_cosmic.json",
+        "selection_refusal_tokens.json",
+        "comparison.json",
+        "direction.safetensors",
+        "direction.json",
+        "metrics.json",
+        "report.html",
+        "completions/harmful_baseline.jsonl",
+    ):
         assert (first_run / name).exists(), name
     assert not list(first_run.rglob("*.tmp"))
     metrics = json.loads((first_run / "metrics.json").read_text())
@@ -53,7 +82,9 @@ def test_second_run_reuses_and_changed_setting_recomputes(first_run, tiny_dir, c
     assert after["evaluate"]["key"] != before["evaluate"]["key"]
     assert cli.main(_args(tiny_dir, first_run, "--mode", "lce")) == 0
     again = _stages(first_run)
-    assert again["candidates"] == after["candidates"] and again["scores"]["key"] != after["scores"]["key"]
+    assert (
+        again["candidates"] == after["candidates"] and again["scores"]["key"] != after["scores"]["key"]
+    )
 
 
 def test_interrupted_stage_resumes(tiny_dir, tmp_path, monkeypatch):
@@ -76,7 +107,10 @@ def test_interrupted_stage_resumes(tiny_dir, tmp_path, monkeypatch):
 
 def test_refuses_to_mix_models(first_run, capsys, caplog):
     caplog.set_level("INFO", logger="cosmic_tl")
-    assert cli.main(["candidates", "--model", "smollm2-135m-instruct", "--out", str(first_run), "--quiet"]) == 2
+    assert (
+        cli.main(["candidates", "--model", "smollm2-135m-instruct", "--out", str(first_run), "--quiet"])
+        == 2
+    )
     assert "holds a run of model" in caplog.text
 
 
@@ -86,8 +120,20 @@ def test_bad_options(tmp_path, caplog):
     with pytest.raises(SystemExit):
         cli.main(["run", "--mode", "sideways"])
     caplog.set_level("INFO", logger="cosmic_tl")
-    assert cli.main(["run", "--harmful-train", str(tmp_path / "missing.json"), "--out", str(tmp_path / "r"),
-                     "--model", "smollm2-135m-instruct"]) == 2
+    assert (
+        cli.main(
+            [
+                "run",
+                "--harmful-train",
+                str(tmp_path / "missing.json"),
+                "--out",
+                str(tmp_path / "r"),
+                "--model",
+                "smollm2-135m-instruct",
+            ]
+        )
+        == 2
+    )
     assert "missing.json" in caplog.text
 
 
@@ -100,8 +146,21 @@ def test_read_only_output_dir(tmp_path, caplog):
 
 
 def test_presets_and_options_map_onto_config():
-    ns = cli.build_parser().parse_args(["run", "--preset", "paper", "--n-val", "7", "--no-baseline",
-                                        "--refusal-tokens", "I", "As", "--kl-threshold", "0.2"])
+    ns = cli.build_parser().parse_args(
+        [
+            "run",
+            "--preset",
+            "paper",
+            "--n-val",
+            "7",
+            "--no-baseline",
+            "--refusal-tokens",
+            "I",
+            "As",
+            "--kl-threshold",
+            "0.2",
+        ]
+    )
     cfg = cli.config_from_args(ns)
     assert cfg == preset("paper", n_val=7, baseline=False, refusal_tokens=("I", "As"), kl_threshold=0.2)
     assert cfg.n_train == 180 and cfg.max_new_tokens == 512
