@@ -3,6 +3,7 @@
     cosmic-tl run [--preset cpu|paper|arditi] [--out runs/NAME] [--FIELD VALUE ...]
     cosmic-tl candidates|score|select|evaluate ...   (run up to that stage)
     cosmic-tl report --out runs/NAME                 (re-render report.html)
+    cosmic-tl export --out runs/NAME --to DIR        (model with the direction removed from its weights)
     cosmic-tl models                                 (aliases and whether they are built)
     cosmic-tl build smollm2-135m-refuse              (build an organism ahead of time)
 
@@ -105,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_options(sub.add_parser(name, help=f"run the pipeline up to '{name}'"))
     rep = sub.add_parser("report", help="re-render report.html of a run directory")
     rep.add_argument("--out", type=Path, required=True)
+    exp = sub.add_parser(
+        "export",
+        help="save the run's model with the COSMIC direction "
+        "orthogonalised out of its weights (LCE ablation) as an HF directory",
+    )
+    exp.add_argument("--out", type=Path, required=True, help="the run directory")
+    exp.add_argument("--to", type=Path, required=True, help="new directory for the edited model")
     sub.add_parser("models", help="list built-in model aliases and whether they are built")
     b = sub.add_parser("build", help="build a model alias (e.g. an organism) into the cache")
     b.add_argument("alias")
@@ -149,6 +157,16 @@ def _dispatch(ns: argparse.Namespace, say: Any) -> int:
     from cosmic_tl.pipeline import Pipeline
     from cosmic_tl.store import read_json
 
+    if ns.command == "export":
+        from cosmic_tl.config import torch_dtype
+        from cosmic_tl.export import load_direction, save_orthogonalized
+
+        cfg = Config.from_dict(read_json(ns.out / "config.json"))
+        direction, _, meta = load_direction(ns.out / "direction.safetensors")
+        model = models.load_model(cfg.model, device=cfg.device, dtype=torch_dtype(cfg.dtype))
+        say(f"orthogonalising layer-{meta.get('layer')} direction out of {cfg.model} ...")
+        say(f"saved: {save_orthogonalized(model, direction.float(), ns.to)}")
+        return 0
     if ns.command == "report":
         cfg = Config.from_dict(read_json(ns.out / "config.json"))
         Pipeline(cfg, ns.out, progress=False, say=say).report()

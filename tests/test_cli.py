@@ -170,3 +170,12 @@ def test_models_command(caplog):
     caplog.set_level("INFO", logger="cosmic_tl")
     assert cli.main(["models"]) == 0
     assert "smollm2-135m-instruct" in caplog.text
+
+
+def test_export_command(first_run, tmp_path):
+    from cosmic_tl.models import load_model
+
+    assert cli.main(["export", "--out", str(first_run), "--to", str(tmp_path / "edited")]) == 0
+    edited = load_model(tmp_path / "edited", device="cpu")
+    assert (tmp_path / "edited" / "config.json").exists() and edited.cfg.n_layers == 4
+    assert cli.main(["export", "--out", str(first_run), "--to", str(tmp_path / "edited")]) == 2

@@ -1,0 +1,110 @@
+"""Export a direction: as safetensors, and as a model with it orthogonalised out of the weights.
+
+Removing ``r̂`` from every weight that writes into the residual stream (token and
+position embeddings, attention output and MLP output projections, and their biases)
+is exactly linear directional ablation at every layer (LCE), without hooks::
+
+    W ← W − r̂ r̂ᵀ W      (matrices writing into the residual stream)
+
+The edited model is saved as an ordinary Hugging Face directory. ACE (affine) ablation
+is a one-layer edit that has no equivalent weight change here; export LCE.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from cosmic_tl.interventions import unit
+from cosmic_tl.store import read_json, read_tensors
+
+
+def load_direction(path: str | os.PathLike[str]) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
+    """``(direction, reference, metadata)`` from a run's ``direction.safetensors`` (+ ``.json``)."""
+    base = Path(path).with_suffix("")
+    t = read_tensors(base.with_suffix(".safetensors"))
+    meta = read_json(base.with_suffix(".json")) if base.with_suffix(".json").exists() else {}
+    return t["direction"], t.get("reference"), dict(meta)
+
+
+def _writers(model: Any) -> list[nn.Module]:
+    """HF modules whose outputs are added to the residual stream, found via the bridge."""
+    mods: list[nn.Module] = [model.embed.original_component]
+    if hasattr(model, "pos_embed") and getattr(model.pos_embed, "original_component", None) is not None:
+        mods.append(model.pos_embed.original_component)
+    for block in model.blocks:
+        mods += [block.attn.o.original_component, block.mlp.out.original_component]
+    return mods
+
+
+@torch.no_grad()
+def orthogonalize(model: Any, direction: Float[Tensor, " d_model"]) -> Any:
+    """Remove ``direction`` from every residual-writing weight of a bridge, in place.
+
+    Tied input/output embeddings are untied first, so the unembedding is unchanged.
+    Returns the same model.
+    """
+    d = model.cfg.d_model
+    if direction.ndim != 1 or direction.shape[0] != d:
+        raise ValueError(f"direction must have shape [{d}], got {tuple(direction.shape)}")
+    hf = model.original_model
+    out_emb, in_emb = hf.get_output_embeddings(), hf.get_input_embeddings()
+    if out_emb is not None and out_emb.weight is in_emb.weight:
+        out_emb.weight = nn.Parameter(in_emb.weight.detach().clone())
+        hf.config.tie_word_embeddings = False
+        if hasattr(hf.config, "get_text_config"):
+            hf.config.get_text_config().tie_word_embeddings = False
+    for mod in _writers(model):
+        w = cast(Tensor, mod.weight)
+        r = unit(direction.to(device=w.device, dtype=torch.float32))
+        if isinstance(mod, nn.Embedding) or w.shape[-1] == d and w.shape[0] != d:
+            # [n, d_model]: each row is a vector in the residual stream
+            w.copy_((w.float() - (w.float() @ r).unsqueeze(-1) * r).to(w.dtype))
+        else:
+            # nn.Linear [d_model, in]: columns live in the residual stream
+            w.copy_((w.float() - r.unsqueeze(-1) * (r @ w.float())).to(w.dtype))
+        bias = cast(Tensor | None, getattr(mod, "bias", None))
+        if bias is not None:
+            bias.copy_((bias.float() - (bias.float() @ r) * r).to(bias.dtype))
+    return model
+
+
+def plain_hf_model(model: Any) -> Any:
+    """A plain Hugging Face copy of a bridge's model (the bridge wraps HF modules in place,
+    which ``save_pretrained`` refuses), with the bridge's current weights."""
+    from transformers import AutoModelForCausalLM
+
+    hf = model.original_model
+    plain = AutoModelForCausalLM.from_config(hf.config, dtype=next(hf.parameters()).dtype)
+    wanted = set(plain.state_dict())
+    state = {}
+    for key, value in hf.state_dict().items():
+        clean = key.replace("._original_component", "")
+        if clean in wanted:
+            state[clean] = value
+    missing = wanted - set(state)
+    if missing - {"lm_head.weight"}:
+        raise RuntimeError(f"could not map bridge weights onto the HF model: {sorted(missing)[:5]}")
+    plain.load_state_dict(state, strict=False)
+    plain.generation_config = hf.generation_config
+    return plain
+
+
+def save_orthogonalized(
+    model: Any, direction: Float[Tensor, " d_model"], out: str | os.PathLike[str]
+) -> Path:
+    """Orthogonalise ``model`` in place and save it (with its tokenizer) as an HF directory."""
+    target = Path(out)
+    if target.exists():
+        raise FileExistsError(f"{target} exists; choose a new directory")
+    orthogonalize(model, direction)
+    tmp = target.with_name(f".{target.name}.partial")
+    plain_hf_model(model).save_pretrained(tmp, safe_serialization=True)
+    model.tokenizer.save_pretrained(tmp)
+    os.replace(tmp, target)
+    return target
