@@ -179,3 +179,44 @@ def test_export_command(first_run, tmp_path):
     edited = load_model(tmp_path / "edited", device="cpu")
     assert (tmp_path / "edited" / "config.json").exists() and edited.cfg.n_layers == 4
     assert cli.main(["export", "--out", str(first_run), "--to", str(tmp_path / "edited")]) == 2
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+@pytest.mark.skipif(
+    _chromium() is None, reason="needs Chromium (apt-get install chromium); CI installs it"
+)
+def test_report_renders_in_chromium(first_run, tmp_path):
+    """Open report.html offline in headless Chromium: every figure must have drawn its SVG."""
+    import re
+    import subprocess
+
+    html = (first_run / "report.html").read_text()
+    assert "<script src=" not in html  # self-contained: plotly.js is inline
+    figure_ids = re.findall(r"<div class=fig id='([^']+)'", html)
+    assert len(figure_ids) >= 5
+    dom = subprocess.run(
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--user-data-dir={tmp_path}",
+            "--virtual-time-budget=20000",
+            "--dump-dom",
+            (first_run / "report.html").as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    for fig in figure_ids:
+        start = dom.index(f'id="{fig}"')
+        nxt = dom.find('class="fig"', start + 1)
+        section = dom[start : nxt if nxt > 0 else len(dom)]
+        assert "main-svg" in section, f"figure {fig} did not draw"
