@@ -55,7 +55,7 @@ from cosmic_tl.selection import (
     select_cosmic,
     select_refusal_tokens,
 )
-from cosmic_tl.sweep import Runner, score_candidates, sweep
+from cosmic_tl.sweep import Runner, score_candidates, suggest_refusal_tokens, sweep
 from cosmic_tl.templates import ChatTemplateError, end_of_instruction, format_prompt
 
 __version__ = "0.1.0"
@@ -105,6 +105,7 @@ __all__ = [
     "score_candidates",
     "select_cosmic",
     "select_refusal_tokens",
+    "suggest_refusal_tokens",
     "sweep",
     "unit",
     "wilson_interval",

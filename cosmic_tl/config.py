@@ -62,7 +62,11 @@ class Config:
     batch_size: int = field(default=32, metadata={"help": "prompts per forward pass"})
     max_new_tokens: int = field(default=48, metadata={"help": "tokens generated in evaluation"})
     refusal_tokens: tuple[str, ...] | None = field(
-        default=None, metadata={"help": "baseline refusal tokens (strings); unset = per family"}
+        default=None,
+        metadata={
+            "help": "baseline refusal tokens (strings); 'auto' = suggested by the "
+            "model; unset = per model family"
+        },
     )
     filter_prompts: bool = field(
         default=False, metadata={"help": "baseline: keep val prompts the model refuses/answers"}

@@ -127,7 +127,7 @@ def encode_refusal_tokens(tokenizer: Any, strings: Sequence[str]) -> tuple[int, 
     return tuple(dict.fromkeys(ids))
 
 
-def suggest_refusal_tokens(
+def refusal_token_gap(
     harmful_logits: Float[Tensor, "batch d_vocab"],
     harmless_logits: Float[Tensor, "batch d_vocab"],
     k: int = 2,

@@ -49,6 +49,7 @@ from cosmic_tl.scoring import (
     layer_cosines,
     pooled,
     refusal_score,
+    refusal_token_gap,
 )
 from cosmic_tl.selection import (
     baseline_prefilter,
@@ -349,6 +350,10 @@ def score_candidates(
         assert runner.clean.logits is not None
         if not torch.isfinite(runner.clean.logits).all():
             raise ValueError(f"the model produces non-finite logits on the {name} validation set")
+    if refusal_tokens and tuple(refusal_tokens) == ("auto",):
+        refusal_tokens = suggest_refusal_tokens(
+            model, harmful_val, harmless_val, batch_size=batch_size, system=system
+        )
     names = tuple(refusal_tokens) if refusal_tokens else default_refusal_tokens(model_id(model))
     token_ids = encode_refusal_tokens(model.tokenizer, names) if baseline else ()
     ctx = _Context(
@@ -491,3 +496,22 @@ class _Sheet:
                 value = float(self.grids["KL"][cell])
                 if not math.isnan(value) and value <= settings.kl_threshold:
                     break
+
+
+def suggest_refusal_tokens(
+    model: Any,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    k: int = 2,
+    batch_size: int = 32,
+    system: str | None = None,
+) -> tuple[str, ...]:
+    """Refusal tokens suggested by the model itself: the ``k`` first tokens whose
+    probability rises most from harmless to harmful prompts (as strings)."""
+    kw: dict[str, Any] = {"batch_size": batch_size, "system": system, "reuse_prefix": False}
+    h = Runner(model, harmful, **kw).clean.logits
+    l_ = Runner(model, harmless, **kw).clean.logits
+    assert h is not None and l_ is not None
+    ids = refusal_token_gap(h, l_, k)
+    return tuple(model.tokenizer.decode([int(i)]) for i in ids)

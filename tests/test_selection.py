@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cosmic_tl.config import SelectionSettings
-from cosmic_tl.scoring import Scores, evaluation_layers, kl_divergence, refusal_score
+from cosmic_tl.scoring import Scores, evaluation_layers, kl_divergence, refusal_score, refusal_token_gap
 from cosmic_tl.selection import (
     NoCandidateError,
     compare,
@@ -157,3 +157,10 @@ def test_save_load_round_trip(tmp_path):
 
     again = Selection.load(tmp_path / "sel")
     assert again.pick == sel.pick and again.reasons == sel.reasons and again.counts == sel.counts
+
+
+def test_refusal_token_gap_finds_the_token_that_rises():
+    harmless = torch.tensor([[2.0, 0.0, 0.0, 1.0], [2.0, 0.0, 0.0, 1.0]])
+    harmful = torch.tensor([[0.0, 3.0, 0.0, 1.0], [0.0, 2.0, 1.0, 1.0]])
+    assert refusal_token_gap(harmful, harmless, 1).tolist() == [1]
+    assert refusal_token_gap(harmful, harmless, 2).tolist() == [1, 2]

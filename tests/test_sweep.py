@@ -193,3 +193,12 @@ def test_bad_inputs(tiny, cands, smollm2):
         score_candidates(smollm2, cands, VAL_H, VAL_L, progress=False)
     with pytest.warns(UserWarning, match="encodes to"):
         encode_refusal_tokens(tiny.tokenizer, ["Zqxvjk Wpfh"])
+
+
+def test_auto_refusal_tokens_are_strings_of_the_vocabulary(tiny, cands):
+    from cosmic_tl.sweep import suggest_refusal_tokens
+
+    toks = suggest_refusal_tokens(tiny, VAL_H, VAL_L, k=2)
+    assert len(toks) == 2 and all(isinstance(t, str) for t in toks)
+    s = score_candidates(tiny, cands, VAL_H, VAL_L, refusal_tokens=["auto"], progress=False)
+    assert s.refusal_tokens == toks
