@@ -197,11 +197,13 @@ class Runner:
         self, intervention: Intervention | None, *, eval_layers: Iterable[int], logits: bool
     ) -> RunOutput:
         """Evaluation-activation sums at ``eval_layers`` and/or last-position logits."""
-        self.passes += 1
         layers = sorted(set(eval_layers))
-        start = intervention.start_layer if intervention is not None else 0
-        if not self.reuse_prefix:
-            start = 0
+        touched = intervention.start_layer if intervention is not None else self.n_layers
+        if not logits and layers and touched > layers[-1]:
+            # The intervention starts after every requested layer: nothing to compute.
+            return RunOutput(self.clean.eval_sums, None)
+        self.passes += 1
+        start = touched if self.reuse_prefix and intervention is not None else 0
         stop = self.n_layers if logits or not layers else layers[-1] + 1
         hooks = (
             intervention_hooks(intervention, self.n_layers, self.model.cfg.d_model)
@@ -271,10 +273,6 @@ class _Context:
             self.alpha,
         )
 
-    def untouched(self, iv: Intervention) -> bool:
-        """True if the intervention cannot reach any evaluation layer."""
-        return iv.start_layer > max(self.eval_layers)
-
 
 def _pass_metric(
     ctx: _Context, i: int, layer: int, *, kind: str, cos: bool, tokens: bool
@@ -288,10 +286,6 @@ def _pass_metric(
     )
     iv = ctx.intervention(kind, i, layer)
     out: dict[str, float] = {}
-    if cos and not tokens and ctx.untouched(iv):
-        assert runner.clean.eval_sums is not None
-        out[names[0]] = cosine(pooled(runner.clean.eval_sums, ctx.eval_layers), target)
-        return out
     res = runner.run(iv, eval_layers=ctx.eval_layers if cos else (), logits=tokens)
     if cos:
         assert res.eval_sums is not None
