@@ -18,7 +18,7 @@ import time
 
 import torch
 from _common import forward_flops, matmul_rate
-from reference_impl import _batches, reference_scores
+from reference_impl import _batches, as_scores, reference_scores
 
 import cosmic_tl as ct
 from cosmic_tl.selection import NoCandidateError
@@ -30,23 +30,6 @@ def picks(scores: ct.Scores) -> tuple[object, object]:
     except NoCandidateError as err:
         cosmic = ("none", tuple(sorted(err.selection.counts.items())))
     return cosmic, ct.select_refusal_tokens(scores).pick
-
-
-def as_scores(ref: dict, like: ct.Scores, mode: str) -> ct.Scores:
-    done = {k: torch.ones_like(v, dtype=torch.bool) for k, v in ref["grids"].items()}
-    return ct.Scores(
-        ref["grids"],
-        done,
-        like.positions,
-        like.position_labels,
-        ref["eval_layers"],
-        ref["layer_cosines"],
-        ref["b_harmful"],
-        ref["b_harmless"],
-        mode,
-        1.0,
-        like.model_id,
-    )
 
 
 def sample(kind: str, split: str, n: int, seed: int) -> list[str]:

@@ -229,33 +229,25 @@ def _finish(
 ) -> Selection:
     counts = {f: sum(r.count(f) for r in reasons) for f in filters}
     total = len(scores.positions) * scores.n_layers
+    position = layer = direction = reference = None
+    values: dict[str, float] = {}
     if pick is None:
         detail = ", ".join(f"{counts[f]} by {f} (setting: {RELAX[f]})" for f in filters)
         message = f"{method}: all {total} candidates were discarded: {detail}"
-        return Selection(
-            method,
-            None,
-            None,
-            {},
-            ranking,
-            tuple(map(tuple, reasons)),
-            counts,
-            scores.positions,
-            scores.mode,
-            scores.model_id,
-            message=message,
-        )
-    i, j = pick
-    position = scores.positions[i]
-    values = {k: float(g[i, j]) for k, g in scores.grids.items() if bool(scores.computed[k][i, j])}
-    direction = reference = None
-    if candidates is not None:
-        direction, reference = candidates.direction(position, j), candidates.reference(position, j)
-    message = f"{method}: picked position {position}, layer {j} of {total} candidates"
+    else:
+        i, layer = pick
+        position = scores.positions[i]
+        values = {
+            k: float(g[i, layer]) for k, g in scores.grids.items() if bool(scores.computed[k][i, layer])
+        }
+        if candidates is not None:
+            direction = candidates.direction(position, layer)
+            reference = candidates.reference(position, layer)
+        message = f"{method}: picked position {position}, layer {layer} of {total} candidates"
     return Selection(
         method,
         position,
-        j,
+        layer,
         values,
         ranking,
         tuple(map(tuple, reasons)),

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from cosmic_tl.scoring import Scores
 from cosmic_tl.templates import format_prompt, left_pad, pad_id
 
 
@@ -141,3 +142,21 @@ def reference_scores(
         "b_harmful": b_harmful,
         "b_harmless": b_harmless,
     }
+
+
+def as_scores(ref: dict[str, Any], like: Scores, mode: str) -> Scores:
+    """The reference loop's grids as a ``Scores`` (every cell computed), for selection."""
+    done = {k: torch.ones_like(v, dtype=torch.bool) for k, v in ref["grids"].items()}
+    return Scores(
+        ref["grids"],
+        done,
+        like.positions,
+        like.position_labels,
+        ref["eval_layers"],
+        ref["layer_cosines"],
+        ref["b_harmful"],
+        ref["b_harmless"],
+        mode,
+        1.0,
+        like.model_id,
+    )

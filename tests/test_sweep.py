@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 from conftest import HARMFUL, HARMLESS
-from reference_impl import reference_scores
+from reference_impl import as_scores, reference_scores
 
 from cosmic_tl.candidates import Candidates, compute_candidates
 from cosmic_tl.config import SelectionSettings
-from cosmic_tl.scoring import Scores, encode_refusal_tokens
+from cosmic_tl.scoring import encode_refusal_tokens
 from cosmic_tl.selection import NoCandidateError, select_cosmic, select_refusal_tokens
 from cosmic_tl.sweep import score_candidates, sweep
 
@@ -86,19 +86,7 @@ def test_lazy_cells_agree_and_picks_match(both, cands):
         # bypass is needed only where induce passes, which may be nowhere.
         assert bool(done.any()) or name == "bypass"
         torch.testing.assert_close(grid[done], full.grids[name][done], atol=1e-6, rtol=1e-6)
-    ref_scores = Scores(
-        ref["grids"],
-        {k: torch.ones_like(v, dtype=torch.bool) for k, v in ref["grids"].items()},
-        full.positions,
-        full.position_labels,
-        ref["eval_layers"],
-        ref["layer_cosines"],
-        ref["b_harmful"],
-        ref["b_harmless"],
-        mode,
-        1.0,
-        full.model_id,
-    )
+    ref_scores = as_scores(ref, full, mode)
     # A generous KL threshold so that the tiny random model has survivors.
     for settings in (SelectionSettings(), SelectionSettings(kl_threshold=1e9)):
         outcomes = []
