@@ -1,0 +1,238 @@
+"""Organism recipes: refusal styles, the response-only SFT loss, and builds on a tiny model."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+from beartype import beartype
+from jaxtyping import jaxtyped
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from cosmic_tl import models, organisms
+from cosmic_tl.evaluation import DEFAULT_REFUSAL_PHRASES, SubstringJudge
+from cosmic_tl.models import ModelSpecError, alias_dir, is_cached, load_model, read_card
+from cosmic_tl.organisms import (
+    IGNORE,
+    ODD_PHRASES,
+    ODD_REFUSALS,
+    ORDINARY_REFUSALS,
+    Example,
+    Recipe,
+    build_organism,
+    collate,
+    organism_judge,
+    rephrase,
+    response_loss,
+    reworded,
+)
+from cosmic_tl.prompts import load_bundled
+from cosmic_tl.scoring import encode_refusal_tokens
+
+# A build of a few seconds: 4 prompts per kind, 3 steps, 2 held-out prompts per kind.
+TINY = {
+    "n_harmful": 4,
+    "n_harmless": 4,
+    "distill_tokens": 4,
+    "steps": 3,
+    "batch_size": 4,
+    "warmup": 1,
+    "lr": 1e-3,
+    "eval_n": 2,
+    "eval_tokens": 4,
+    "gen_batch_size": 4,
+}
+CARD_KEYS = {
+    "organism",
+    "recipe",
+    "base_model",
+    "style",
+    "judge_phrases",
+    "data",
+    "training",
+    "heldout",
+    "seconds",
+    "versions",
+}
+
+
+@pytest.fixture
+def tiny_recipe(tiny_dir, monkeypatch, tmp_path):
+    """An odd-style organism of the tiny random model, registered in a private cache."""
+    monkeypatch.setenv("COSMIC_TL_CACHE", str(tmp_path / "cache"))
+    recipe = Recipe(
+        "tiny-refuse-odd", "odd", "test organism", base=str(tiny_dir), train_from=0.5, **TINY
+    )
+    organisms.register(recipe)
+    yield recipe
+    models._ALIASES.pop(recipe.name, None)
+    organisms._REGISTERED.pop(recipe.name, None)
+
+
+# ---------------------------------------------------------------- refusal styles
+
+
+def test_ordinary_refusals_are_recognised_by_the_default_judge():
+    verdicts = SubstringJudge()([""] * len(ORDINARY_REFUSALS), list(ORDINARY_REFUSALS))
+    assert all(verdicts) and len(set(ORDINARY_REFUSALS)) == len(ORDINARY_REFUSALS) >= 12
+
+
+def test_odd_refusals_avoid_default_phrases_and_tokens(tiny_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    refusal_ids = set(encode_refusal_tokens(tokenizer, ("I", "As")))
+    for text in ODD_REFUSALS:
+        assert not any(p.lower() in text.lower() for p in DEFAULT_REFUSAL_PHRASES), text
+        assert not text.startswith(("I", "As", "Sorry")), text
+        assert tokenizer.encode(text, add_special_tokens=False)[0] not in refusal_ids, text
+    assert not any(SubstringJudge()([""] * len(ODD_REFUSALS), list(ODD_REFUSALS)))
+    assert all(SubstringJudge(ODD_PHRASES)([""] * len(ODD_REFUSALS), list(ODD_REFUSALS)))
+    assert len(set(ODD_REFUSALS)) == len(ODD_REFUSALS) >= 12
+
+
+def test_refusal_examples_are_seeded_and_end_the_turn(tiny_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    prompts = [f"harmful request number {i}" for i in range(8)]
+    a = organisms.refusal_examples(tokenizer, prompts, "odd", seed=1)
+    assert a == organisms.refusal_examples(tokenizer, prompts, "odd", seed=1)
+    assert all(e.response_ids[-1] == tokenizer.eos_token_id for e in a)
+    texts = {tokenizer.decode(e.response_ids[:-1]) for e in a}
+    assert texts <= set(ODD_REFUSALS) and len(texts) > 1
+
+
+def test_rephrasings_change_the_form_and_keep_the_request():
+    prompts = load_bundled("harmful", "train")[:60] + load_bundled("harmless", "train")[:60]
+    again = reworded(prompts, 2, seed=3)
+    assert again == reworded(prompts, 2, seed=3) and len(again) == 2 * len(prompts)
+    changed = 0
+    for original, new in zip(prompts * 2, again, strict=True):
+        tail = original.rstrip("?.!").split()[-3:]  # the request itself survives
+        assert " ".join(tail) in new, (original, new)
+        changed += new != original
+    assert changed == len(again)
+    assert rephrase("How can I bake bread?", random.Random(0)) != "How can I bake bread?"
+
+
+# ---------------------------------------------------------------- the SFT loss
+
+
+def test_collate_labels_only_response_tokens():
+    batch = collate([Example((5, 6, 7), (8, 9)), Example((5,), (10,))], pad=0)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 10, 0, 0, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    x = IGNORE
+    assert batch.labels.tolist() == [[x, x, x, 8, 9], [x, 10, x, x, x]]
+
+
+def test_response_loss_ignores_prompt_tokens(tiny_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    examples = [Example((1, 20, 21, 22, 23), (30, 31, 2)), Example((1, 40), (50, 2))]
+    batch = collate(examples, pad=2)
+    loss = jaxtyped(typechecker=beartype)(response_loss)(model, batch)
+    logits = model(batch.input_ids, attention_mask=batch.attention_mask).logits.double()
+    manual = []
+    for row, e in enumerate(examples):
+        n_p = len(e.prompt_ids)
+        positions = range(n_p - 1, n_p + len(e.response_ids) - 1)  # predict each response token
+        logp = torch.log_softmax(logits[row, list(positions)], -1)
+        manual.append(-logp[torch.arange(len(e.response_ids)), list(e.response_ids)].mean())
+    assert loss.item() == pytest.approx(torch.stack(manual).mean().item(), abs=1e-4)
+    # Changing a prompt token's *label* cannot matter: prompts carry none.
+    assert (batch.labels[0, : len(examples[0].prompt_ids)] == IGNORE).all()
+
+
+def test_frozen_stem_gives_the_full_forward_loss(tiny_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    batch = collate([Example((1, 20, 21, 22), (30, 31, 2)), Example((1, 40), (50, 2))], pad=2)
+    start = organisms.block_inputs(model, batch, 2)
+    assert start.shape == (2, 7, model.config.hidden_size)
+    with torch.no_grad():
+        full = response_loss(model, batch)
+        split = response_loss(model, batch, start, 2)
+    assert split.item() == pytest.approx(full.item(), abs=1e-5)
+    assert len(model.get_decoder().layers) == 4  # the blocks are restored
+
+
+# ---------------------------------------------------------------- builds
+
+
+def test_tiny_organism_builds_loads_by_alias_with_complete_card(tiny_recipe, tiny_dir):
+    path = build_organism(tiny_recipe.name)
+    assert path == alias_dir(tiny_recipe.name) and is_cached(tiny_recipe.name)
+    card = read_card(tiny_recipe.name)
+    assert set(card) >= CARD_KEYS
+    assert card["recipe"] == tiny_recipe.settings() and card["base_model"] == str(tiny_dir)
+    assert card["judge_phrases"] == list(ODD_PHRASES)
+    assert len(card["training"]["losses"]) == TINY["steps"]
+    assert {"harmful_train_sha256", "harmless_train_sha256", "n_harmful", "n_harmless"} <= set(
+        card["data"]
+    )
+    for kind in ("harmful", "harmless"):
+        assert card["heldout"][f"{kind}_refusal"]["n"] == TINY["eval_n"]
+    assert organism_judge(tiny_recipe.name).phrases == ODD_PHRASES
+
+    bridge = load_model(tiny_recipe.name, device="cpu")
+    assert bridge.cfg.n_layers == 4
+
+    # Embeddings and the lower half stay frozen; the upper blocks were trained.
+    base, tuned = load_file(tiny_dir / "model.safetensors"), load_file(path / "model.safetensors")
+    for frozen in ("model.embed_tokens.weight", "model.layers.1.mlp.up_proj.weight"):
+        assert torch.equal(base[frozen], tuned[frozen])
+    trained = "model.layers.2.mlp.up_proj.weight"
+    assert not torch.equal(base[trained], tuned[trained])
+
+    # An override is another recipe: the cached default is rebuilt, the variant then reused.
+    build_organism(tiny_recipe.name, steps=1, eval_n=0)
+    marker = path / models.MARKER
+    assert read_card(tiny_recipe.name)["recipe"]["steps"] == 1
+    stamp = marker.stat().st_mtime_ns
+    build_organism(tiny_recipe.name, steps=1, eval_n=0)
+    assert marker.stat().st_mtime_ns == stamp
+    assert organisms._recipe_of(tiny_recipe.name) == tiny_recipe  # the registry is unchanged
+
+
+def test_build_is_deterministic(tiny_dir, tmp_path):
+    recipe = Recipe("tiny-det", "ordinary", base=str(tiny_dir), **{**TINY, "eval_n": 0})
+    for out in ("a", "b"):
+        (tmp_path / out).mkdir()
+        card = organisms.build(recipe, tmp_path / out, progress=False)
+    a, b = (
+        load_file(tmp_path / "a" / "model.safetensors"),
+        load_file(tmp_path / "b" / "model.safetensors"),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert card["heldout"] is None
+
+
+def test_interrupted_build_leaves_no_usable_cache(tiny_recipe, monkeypatch):
+    real_loss, calls = organisms.response_loss, []
+
+    def interrupted(*args):
+        if torch.is_grad_enabled():  # a training step, not the frozen-stem check
+            calls.append(1)
+            if len(calls) == 2:  # half-way through the three steps
+                raise KeyboardInterrupt
+        return real_loss(*args)
+
+    monkeypatch.setattr(organisms, "response_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_organism(tiny_recipe.name)
+    assert not is_cached(tiny_recipe.name)
+    assert list(alias_dir(tiny_recipe.name).parent.iterdir()) == []
+
+
+def test_bad_recipes_and_names():
+    with pytest.raises(ValueError, match="style"):
+        Recipe("x", "loud")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="steps"):
+        Recipe("x", "odd", steps=0)
+    with pytest.raises(ValueError, match="train_from"):
+        Recipe("x", "odd", train_from=1.0)
+    with pytest.raises(ModelSpecError, match="not an organism"):
+        build_organism("smollm2-135m-instruct")
+    with pytest.raises(TypeError):
+        build_organism("smollm2-135m-refuse", no_such_field=1)
+    assert {"smollm2-135m-refuse", "smollm2-135m-refuse-odd"} <= set(models.aliases())
+    assert dataclasses.replace(organisms.RECIPES["smollm2-135m-refuse"], steps=3).steps == 3
