@@ -44,7 +44,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--skip-preset", action="store_true", help="skip the CPU-preset timing")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     rate = matmul_rate()

@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", type=Path, required=True, help="the run directory")
     exp.add_argument("--to", type=Path, required=True, help="new directory for the edited model")
     sub.add_parser("models", help="list built-in model aliases and whether they are built")
-    b = sub.add_parser("build", help="build a model alias (e.g. an organism) into the cache")
-    b.add_argument("alias")
+    b = sub.add_parser("build", help="build model aliases (e.g. the organisms) into the cache")
+    b.add_argument("aliases", nargs="+", metavar="alias")
     b.add_argument("--rebuild", action="store_true")
     return ap
 
@@ -149,10 +149,13 @@ def _dispatch(ns: argparse.Namespace, say: Any) -> int:
         say(f"cache: {models.cache_dir()}")
         return 0
     if ns.command == "build":
-        if ns.alias not in models.aliases():
-            raise ValueError(f"unknown alias {ns.alias!r}; see `cosmic-tl models`")
-        say(f"building {ns.alias} (organisms take several minutes on a CPU) ...")
-        say(f"built: {models.ensure_alias(ns.alias, rebuild=ns.rebuild)}")
+        unknown = [a for a in ns.aliases if a not in models.aliases()]
+        if unknown:
+            raise ValueError(f"unknown alias {', '.join(map(repr, unknown))}; see `cosmic-tl models`")
+        for alias in ns.aliases:
+            if ns.rebuild or not models.is_cached(alias):
+                say(f"building {alias} (an organism takes about 12 minutes on 2 CPU cores) ...")
+            say(f"built: {models.ensure_alias(alias, rebuild=ns.rebuild)}")
         return 0
     from cosmic_tl.pipeline import Pipeline
     from cosmic_tl.store import read_json

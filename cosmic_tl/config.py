@@ -41,9 +41,7 @@ class SelectionSettings:
 class Config:
     """Everything a run depends on. Defaults: the CPU preset."""
 
-    model: str = field(
-        default="smollm2-135m-instruct", metadata={"help": "alias, local dir or hub name"}
-    )
+    model: str = field(default="smollm2-135m-refuse", metadata={"help": "alias, local dir or hub name"})
     mode: Mode = field(default="ace", metadata={"help": "ace (affine) or lce (linear) interventions"})
     alpha: float = field(default=1.0, metadata={"help": "activation-addition coefficient"})
     system_prompt: str | None = field(

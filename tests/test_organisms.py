@@ -236,3 +236,18 @@ def test_bad_recipes_and_names():
         build_organism("smollm2-135m-refuse", no_such_field=1)
     assert {"smollm2-135m-refuse", "smollm2-135m-refuse-odd"} <= set(models.aliases())
     assert dataclasses.replace(organisms.RECIPES["smollm2-135m-refuse"], steps=3).steps == 3
+
+
+def test_build_command_builds_several_and_rejects_unknown(tiny_recipe, caplog):
+    from cosmic_tl import cli
+
+    caplog.set_level("INFO", logger="cosmic_tl")
+    assert cli.main(["build", tiny_recipe.name, "no-such-alias"]) == 2
+    assert "no-such-alias" in caplog.text and not is_cached(tiny_recipe.name)  # nothing built
+    assert cli.main(["build", tiny_recipe.name]) == 0
+    assert is_cached(tiny_recipe.name)
+    stamp = (alias_dir(tiny_recipe.name) / "config.json").stat().st_mtime_ns
+    caplog.clear()
+    assert cli.main(["build", tiny_recipe.name]) == 0  # already built: reused, not rebuilt
+    assert "building" not in caplog.text
+    assert (alias_dir(tiny_recipe.name) / "config.json").stat().st_mtime_ns == stamp
