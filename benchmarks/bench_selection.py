@@ -6,7 +6,8 @@ by side in one process, print wall times, the speed ratio, executed GFLOP and GF
 against the measured matmul rate, and whether the COSMIC and baseline picks agree.
 Then time the engine alone on the CPU preset (n_train 64, n_val 16, ACE).
 
-    python benchmarks/bench_selection.py [--n-train 32] [--n-val 8] [--skip-preset]
+    python benchmarks/bench_selection.py [--n-train 32] [--n-val 8] [--skip-preset] [--threads N]
+    python benchmarks/bench_selection.py --preset-only   # just the CPU-preset timing
 
 Last line: ``speedup=<min ratio over modes> picks_agree=<true|false>``.
 """
@@ -36,6 +37,28 @@ def sample(kind: str, split: str, n: int, seed: int) -> list[str]:
     return ct.sample_prompts(ct.load_bundled(kind, split), n, seed=seed)
 
 
+def time_preset(model: object, *, baseline: bool) -> float:
+    """Candidates + scoring + selection at CPU-preset sizes (ACE), timed and printed."""
+    cfg = ct.preset("cpu")
+    h_tr, l_tr = (sample(k, "train", cfg.n_train, cfg.seed) for k in ("harmful", "harmless"))
+    h_val, l_val = (sample(k, "val", cfg.n_val, cfg.seed) for k in ("harmful", "harmless"))
+    t0 = time.perf_counter()
+    c = ct.compute_candidates(model, h_tr, l_tr, batch_size=cfg.batch_size, progress=False)
+    s = ct.score_candidates(
+        model, c, h_val, l_val, mode="ace", batch_size=cfg.batch_size, baseline=baseline, progress=False
+    )
+    sel = ct.select_cosmic(s, candidates=c)
+    base = ct.select_refusal_tokens(s, candidates=c).pick if baseline else "(baseline off)"
+    seconds = time.perf_counter() - t0
+    print(
+        f"[cpu preset, ace, baseline {'on' if baseline else 'off'}] candidates + scoring + selection: "
+        f"{seconds:.1f} s (n_train {cfg.n_train}, n_val {cfg.n_val}); cosmic pick {sel.pick}, "
+        f"baseline pick {base}",
+        flush=True,
+    )
+    return seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -44,6 +67,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--skip-preset", action="store_true", help="skip the CPU-preset timing")
+    ap.add_argument(
+        "--preset-only",
+        action="store_true",
+        help="only time the CPU preset, with the baseline on and off (last line: preset_seconds=...)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
     if args.threads:
@@ -53,6 +81,10 @@ def main() -> None:
     rate = matmul_rate()
     print(f"threads={torch.get_num_threads()} measured fp32 matmul rate: {rate:.1f} GFLOP/s")
     model = ct.load_model(args.model, device="cpu")
+    if args.preset_only:
+        on, off = time_preset(model, baseline=True), time_preset(model, baseline=False)
+        print(f"preset_seconds={on:.1f} preset_seconds_without_baseline={off:.1f}")
+        return
     h_tr, l_tr = (sample(k, "train", args.n_train, args.seed) for k in ("harmful", "harmless"))
     h_val, l_val = (sample(k, "val", args.n_val, args.seed) for k in ("harmful", "harmless"))
     cands = ct.compute_candidates(model, h_tr, l_tr, batch_size=args.batch_size, progress=False)
@@ -113,21 +145,7 @@ def main() -> None:
         )
 
     if not args.skip_preset:
-        cfg = ct.preset("cpu")
-        h_tr, l_tr = (sample(k, "train", cfg.n_train, cfg.seed) for k in ("harmful", "harmless"))
-        h_val, l_val = (sample(k, "val", cfg.n_val, cfg.seed) for k in ("harmful", "harmless"))
-        t0 = time.perf_counter()
-        c = ct.compute_candidates(model, h_tr, l_tr, batch_size=cfg.batch_size, progress=False)
-        s = ct.score_candidates(
-            model, c, h_val, l_val, mode="ace", batch_size=cfg.batch_size, progress=False
-        )
-        sel = ct.select_cosmic(s, candidates=c)
-        base = ct.select_refusal_tokens(s, candidates=c)
-        print(
-            f"[cpu preset, ace] candidates + scoring + selection: {time.perf_counter() - t0:.1f} s "
-            f"(n_train {cfg.n_train}, n_val {cfg.n_val}); cosmic pick {sel.pick}, "
-            f"baseline pick {base.pick}"
-        )
+        time_preset(model, baseline=True)
     print(f"speedup={min(ratios):.2f} picks_agree={'true' if all(agree) else 'false'}")
 
 
