@@ -52,6 +52,7 @@ class Alias:
     description: str
     build: Callable[[Path], dict[str, Any]]  # writes a HF directory, returns card info
     base: str | None = None  # alias this one is derived from (organisms)
+    recipe: dict[str, Any] | None = None  # what the build depends on; a cached card must match
 
 
 _ALIASES: dict[str, Alias] = {}
@@ -83,8 +84,18 @@ def alias_dir(name: str) -> Path:
 
 
 def is_cached(name: str) -> bool:
-    """Whether alias ``name`` is materialised in the cache with a valid marker."""
-    return _valid_entry(alias_dir(name))
+    """Whether alias ``name`` is materialised in the cache with a valid marker and,
+    for an alias with a recipe (an organism), was built from that recipe."""
+    return _valid_entry(alias_dir(name)) and not _stale(name)
+
+
+def _stale(name: str) -> bool:
+    """A valid entry whose card records another recipe than the registered alias's."""
+    alias = _ALIASES.get(name)
+    if alias is None or alias.recipe is None:
+        return False
+    card = json.loads((alias_dir(name) / MARKER).read_text()).get("card") or {}
+    return bool(card.get("recipe") != alias.recipe)
 
 
 def read_card(name: str) -> dict[str, Any]:
@@ -115,9 +126,12 @@ def ensure_alias(name: str, *, rebuild: bool = False) -> Path:
     if name not in _ALIASES:
         raise ModelSpecError(f"unknown alias {name!r}; known: {sorted(_ALIASES)}")
     target = alias_dir(name)
-    if not rebuild and _valid_entry(target):
+    valid = _valid_entry(target)
+    if not rebuild and valid and not _stale(name):
         return target
-    if target.exists():
+    if valid and not rebuild:
+        logger.warning("cached %s was built from another recipe; rebuilding", name)
+    elif target.exists() and not valid:
         logger.warning("cache entry %s is incomplete or corrupt; rebuilding", target)
     parent = target.parent
     try:

@@ -190,7 +190,13 @@ def register(recipe: Recipe) -> None:
     """Make ``recipe.name`` a model alias built by :func:`build` (tests use tiny ones)."""
     _REGISTERED[recipe.name] = recipe
     _register_alias(
-        Alias(recipe.name, recipe.description or recipe.name, partial(build, recipe), base=recipe.base)
+        Alias(
+            recipe.name,
+            recipe.description or recipe.name,
+            partial(build, recipe),
+            base=recipe.base,
+            recipe=recipe.settings(),
+        )
     )
 
 
@@ -210,10 +216,7 @@ def build_organism(name: str, *, rebuild: bool = False, **overrides: Any) -> Pat
     """
     recipe = _recipe_of(name)
     wanted = dataclasses.replace(recipe, **overrides) if overrides else recipe
-    if not rebuild and is_cached(name) and read_card(name).get("recipe") != wanted.settings():
-        logger.warning("cached %s was built from another recipe; rebuilding", name)
-        rebuild = True
-    register(wanted)
+    register(wanted)  # ensure_alias rebuilds a cache entry built from another recipe
     try:
         return ensure_alias(name, rebuild=rebuild)
     finally:

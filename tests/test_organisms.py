@@ -191,6 +191,12 @@ def test_tiny_organism_builds_loads_by_alias_with_complete_card(tiny_recipe, tin
     build_organism(tiny_recipe.name, steps=1, eval_n=0)
     assert marker.stat().st_mtime_ns == stamp
     assert organisms._recipe_of(tiny_recipe.name) == tiny_recipe  # the registry is unchanged
+    # With the default recipe registered again, the cached variant is stale on every path
+    # that uses the alias (load_model, `cosmic-tl build`), not only in build_organism.
+    assert not is_cached(tiny_recipe.name)
+    models.ensure_alias(tiny_recipe.name)
+    assert is_cached(tiny_recipe.name)
+    assert read_card(tiny_recipe.name)["recipe"] == tiny_recipe.settings()
 
 
 def test_build_is_deterministic(tiny_dir, tmp_path):
