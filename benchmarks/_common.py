@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+import cosmic_tl as ct
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the straightforward reference loop lives there
 
@@ -32,3 +34,8 @@ def forward_flops(model, batches, *, full_logits: bool) -> float:
         total += 2.0 * tokens * block * model.cfg.n_layers
         total += 2.0 * (tokens if full_logits else b.tokens.shape[0]) * unembed
     return total
+
+
+def sample(kind: str, split: str, n: int, seed: int) -> list[str]:
+    """``n`` bundled prompts of ``kind`` from ``split``, sampled with ``seed``."""
+    return ct.sample_prompts(ct.load_bundled(kind, split), n, seed=seed)

@@ -18,7 +18,7 @@ import argparse
 import time
 
 import torch
-from _common import forward_flops, matmul_rate
+from _common import forward_flops, matmul_rate, sample
 from reference_impl import _batches, as_scores, reference_scores
 
 import cosmic_tl as ct
@@ -31,10 +31,6 @@ def picks(scores: ct.Scores) -> tuple[object, object]:
     except NoCandidateError as err:
         cosmic = ("none", tuple(sorted(err.selection.counts.items())))
     return cosmic, ct.select_refusal_tokens(scores).pick
-
-
-def sample(kind: str, split: str, n: int, seed: int) -> list[str]:
-    return ct.sample_prompts(ct.load_bundled(kind, split), n, seed=seed)
 
 
 def time_preset(model: object, *, baseline: bool) -> float:

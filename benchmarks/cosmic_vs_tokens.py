@@ -22,14 +22,11 @@ import argparse
 import time
 
 import torch
+from _common import sample
 
 import cosmic_tl as ct
 from cosmic_tl.organisms import RECIPES, build_organism, organism_judge
 from cosmic_tl.selection import NoCandidateError
-
-
-def sample(kind: str, split: str, n: int, seed: int) -> list[str]:
-    return ct.sample_prompts(ct.load_bundled(kind, split), n, seed=seed)
 
 
 def fmt(rate: ct.Rate | None) -> str:
