@@ -154,7 +154,9 @@ def _dispatch(ns: argparse.Namespace, say: Any) -> int:
             raise ValueError(f"unknown alias {', '.join(map(repr, unknown))}; see `cosmic-tl models`")
         for alias in ns.aliases:
             if ns.rebuild or not models.is_cached(alias):
-                say(f"building {alias} (an organism takes about 12 minutes on 2 CPU cores) ...")
+                organism = models.aliases()[alias].base is not None
+                took = "a fine-tune of about 12 minutes on 2 CPU cores" if organism else "under a minute"
+                say(f"building {alias} ({took}) ...")
             say(f"built: {models.ensure_alias(alias, rebuild=ns.rebuild)}")
         return 0
     from cosmic_tl.pipeline import Pipeline
