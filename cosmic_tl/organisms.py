@@ -130,20 +130,22 @@ class Recipe:
     name: str  # the alias the organism is registered under
     style: Style
     description: str = ""
-    version: int = 1  # bump when the recipe's code or defaults change its output
+    version: int = 2  # bump when the recipe's code or defaults change its output
     base: str = "smollm2-135m-instruct"  # alias or local HF directory to fine-tune
     seed: int = 0
     n_harmful: int = 240  # bundled harmful *train* prompts, paired with refusals
     n_harmless: int = 240  # bundled harmless *train* prompts, paired with the base's answers
+    n_tasks: int = 301  # bundled ``harmless:train_tasks`` instructions added to them
     rephrasings: int = 1  # reworded copies of each train prompt (see ``rephrase``)
     distill_tokens: int = 16  # cap on the base's greedy answers used as targets
     steps: int = 100  # optimiser steps
     batch_size: int = 16  # sequences per step
     harmful_share: float = 0.4  # fraction of each batch that is harmful prompts
+    first_token_weight: float = 10.0  # loss weight of a response's first token (the others: 1)
     lr: float = 2e-4  # AdamW peak learning rate (linear warm-up, cosine decay)
     warmup: int = 5  # warm-up steps
     weight_decay: float = 0.0
-    train_from: float = 0.5  # fraction of depth below which blocks stay frozen
+    train_from: float = 0.25  # fraction of depth below which blocks stay frozen
     eval_n: int = 32  # held-out (bundled test) prompts per kind measured for the card
     eval_tokens: int = 48  # new tokens generated per held-out prompt
     gen_batch_size: int = 32  # prompts per batch when generating
@@ -154,6 +156,10 @@ class Recipe:
             raise ValueError("need steps >= 1, batch_size >= 2 and lr > 0")
         if self.n_harmful < 1 or self.n_harmless < 1 or self.distill_tokens < 1:
             raise ValueError("need at least one prompt of each kind and distill_tokens >= 1")
+        if self.n_tasks < 0:
+            raise ValueError(f"n_tasks must be >= 0, not {self.n_tasks}")
+        if self.first_token_weight <= 0:
+            raise ValueError(f"first_token_weight must be > 0, not {self.first_token_weight}")
         if self.rephrasings < 0:
             raise ValueError(f"rephrasings must be >= 0, not {self.rephrasings}")
         if not 0.0 < self.harmful_share < 1.0:
@@ -473,8 +479,12 @@ def response_loss(
     batch: SFTBatch,
     start: Float[Tensor, "batch pos d_model"] | None = None,
     layer: int = 0,
+    first_weight: float = 1.0,
 ) -> Float[Tensor, ""]:
     """Cross-entropy on response tokens only: mean over each sequence, then over the batch.
+
+    ``first_weight`` weighs each response's first token (where the model decides
+    between answering and refusing) against 1 for every later token.
 
     With ``start`` (the stream entering block ``layer``, from :func:`block_inputs`)
     only blocks ``layer..`` run, so frozen lower blocks cost nothing per step.
@@ -492,9 +502,12 @@ def response_loss(
     keep = targets != IGNORE
     logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # [n_response, d_vocab]
     token_loss = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+    first = keep & (keep.cumsum(1) == 1)  # each row's first response token
+    weight = torch.where(first, first_weight, 1.0)[keep].to(token_loss.dtype)
     rows = keep.nonzero()[:, 0]
-    per_row = torch.zeros(len(targets), dtype=token_loss.dtype).index_add(0, rows, token_loss)
-    return (per_row / keep.sum(1).clamp(min=1)).mean()
+    total = torch.zeros(len(targets), dtype=token_loss.dtype).index_add(0, rows, token_loss * weight)
+    norm = torch.zeros(len(targets), dtype=token_loss.dtype).index_add(0, rows, weight)
+    return (total / norm.clamp(min=1e-12)).mean()
 
 
 def trainable_parameters(model: Any, train_from: float) -> tuple[list[torch.nn.Parameter], int]:
@@ -591,7 +604,7 @@ def finetune(
             picks += [(1, next(draws[1])) for _ in range(recipe.batch_size - n_harmful)]
             batch = collate([pools[k][i] for k, i in picks], pad)
             start = None if stems is None else _stack([stems[k][i] for k, i in picks])
-            loss = response_loss(model, batch, start, first)
+            loss = response_loss(model, batch, start, first, recipe.first_token_weight)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -637,6 +650,8 @@ def build(recipe: Recipe, out: Path, *, progress: bool = True) -> dict[str, Any]
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     harmful = sample_prompts(load_bundled("harmful", "train"), recipe.n_harmful, recipe.seed)
     harmless = sample_prompts(load_bundled("harmless", "train"), recipe.n_harmless, recipe.seed)
+    if recipe.n_tasks:
+        harmless += sample_prompts(load_bundled("harmless", "train_tasks"), recipe.n_tasks, recipe.seed)
 
     t = time.perf_counter()
     harmful_all = [*harmful, *reworded(harmful, recipe.rephrasings, recipe.seed)]

@@ -31,6 +31,10 @@ from typing import Any
 
 BUNDLED_SETS = ("harmful", "harmless")
 SPLITS = ("train", "val", "test")
+# Extra train-only splits. ``harmless:train_tasks``: short task instructions
+# ("Compose…", "Name…", "Convert…") that the organism recipes train on beside the
+# harmless train split, so the organisms do not learn "terse imperative = harmful".
+EXTRA_SPLITS: dict[str, tuple[str, ...]] = {"harmless": ("train_tasks",)}
 
 # Fields tried, in order, for JSON/JSONL objects and Hugging Face datasets.
 JSON_FIELDS = ("instruction", "goal", "Goal", "prompt", "Behavior", "behavior", "text")
@@ -56,8 +60,9 @@ def load_bundled_records(kind: str, split: str) -> list[dict[str, str]]:
         raise PromptFileError(
             f"unknown bundled prompt set {kind!r}; expected one of {', '.join(BUNDLED_SETS)}"
         )
-    if split not in SPLITS:
-        raise PromptFileError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    allowed = SPLITS + EXTRA_SPLITS.get(kind, ())
+    if split not in allowed:
+        raise PromptFileError(f"unknown split {split!r}; expected one of {', '.join(allowed)}")
     resource = files("cosmic_tl").joinpath("data", "prompts", f"{kind}_{split}.json")
     records: list[dict[str, str]] = json.loads(resource.read_text(encoding="utf-8"))
     return records

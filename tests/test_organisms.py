@@ -36,6 +36,7 @@ from cosmic_tl.scoring import encode_refusal_tokens
 TINY = {
     "n_harmful": 4,
     "n_harmless": 4,
+    "n_tasks": 2,
     "distill_tokens": 4,
     "steps": 3,
     "batch_size": 4,
@@ -143,6 +144,28 @@ def test_response_loss_ignores_prompt_tokens(tiny_dir):
     assert (batch.labels[0, : len(examples[0].prompt_ids)] == IGNORE).all()
 
 
+def test_first_token_weight_is_a_weighted_mean_per_sequence(tiny_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+    examples = [Example((1, 20, 21), (30, 31, 32, 2)), Example((1, 40, 41, 42), (50,))]
+    batch = collate(examples, pad=2)
+    with torch.no_grad():
+        logits = model(batch.input_ids, attention_mask=batch.attention_mask).logits.double()
+        weighted = response_loss(model, batch, first_weight=4.0).item()
+        plain = response_loss(model, batch).item()
+    manual, unweighted = [], []
+    for row, e in enumerate(examples):
+        n_p, n_r = len(e.prompt_ids), len(e.response_ids)
+        logp = torch.log_softmax(logits[row, n_p - 1 : n_p + n_r - 1], -1)
+        nll = -logp[torch.arange(n_r), list(e.response_ids)]
+        w = torch.ones(n_r, dtype=torch.float64)
+        w[0] = 4.0
+        manual.append((w * nll).sum() / w.sum())
+        unweighted.append(nll.mean())
+    assert weighted == pytest.approx(torch.stack(manual).mean().item(), abs=1e-4)
+    assert plain == pytest.approx(torch.stack(unweighted).mean().item(), abs=1e-4)
+    assert abs(weighted - plain) > 1e-3  # the weight does change the loss here
+
+
 def test_frozen_stem_gives_the_full_forward_loss(tiny_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
     batch = collate([Example((1, 20, 21, 22), (30, 31, 2)), Example((1, 40), (50, 2))], pad=2)
@@ -236,6 +259,10 @@ def test_bad_recipes_and_names():
         Recipe("x", "odd", steps=0)
     with pytest.raises(ValueError, match="train_from"):
         Recipe("x", "odd", train_from=1.0)
+    with pytest.raises(ValueError, match="n_tasks"):
+        Recipe("x", "odd", n_tasks=-1)
+    with pytest.raises(ValueError, match="first_token_weight"):
+        Recipe("x", "odd", first_token_weight=0.0)
     with pytest.raises(ModelSpecError, match="not an organism"):
         build_organism("smollm2-135m-instruct")
     with pytest.raises(TypeError):

@@ -90,6 +90,20 @@ def test_harmful_and_harmless_do_not_overlap() -> None:
     assert not harmful & harmless
 
 
+def test_train_tasks_split_is_train_only_unique_and_disjoint_from_every_split() -> None:
+    tasks = load_bundled("harmless", "train_tasks")
+    assert len(tasks) >= 300
+    assert len({p.lower() for p in tasks}) == len(tasks)
+    assert all(p.strip() == p and p and "\n" not in p for p in tasks)
+    others = {p.lower() for k in BUNDLED_SETS for s in SPLITS for p in load_bundled(k, s)}
+    assert not {p.lower() for p in tasks} & others
+    assert load_prompts("bundled:harmless:train_tasks") == tasks
+    with pytest.raises(PromptFileError, match="train_tasks"):
+        load_bundled("harmless", "val_tasks")
+    with pytest.raises(PromptFileError, match="unknown split"):
+        load_bundled("harmful", "train_tasks")
+
+
 def test_bundled_prompts_are_single_sentences_of_reasonable_length() -> None:
     for kind in BUNDLED_SETS:
         for split in SPLITS:
