@@ -192,6 +192,10 @@ def test_tiny_organism_builds_loads_by_alias_with_complete_card(tiny_recipe, tin
     assert {"harmful_train_sha256", "harmless_train_sha256", "n_harmful", "n_harmless"} <= set(
         card["data"]
     )
+    # Harmless examples: the train prompts plus the task instructions, each with one rewording.
+    copies = 1 + tiny_recipe.rephrasings
+    assert card["data"]["n_harmless"] == (TINY["n_harmless"] + TINY["n_tasks"]) * copies
+    assert card["data"]["n_harmful"] == TINY["n_harmful"] * copies
     for kind in ("harmful", "harmless"):
         assert card["heldout"][f"{kind}_refusal"]["n"] == TINY["eval_n"]
     assert organism_judge(tiny_recipe.name).phrases == ODD_PHRASES
