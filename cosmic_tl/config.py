@@ -77,6 +77,10 @@ class Config:
     reuse_prefix: bool = field(
         default=True, metadata={"help": "cache clean activations to skip unchanged layers"}
     )
+    share_prefix: bool = field(
+        default=True,
+        metadata={"help": "compute the tokens all prompts start with (system turn) once per pass"},
+    )
     dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ...; unset = auto"})
     selection: SelectionSettings = field(default_factory=SelectionSettings)

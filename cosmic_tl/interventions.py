@@ -105,6 +105,12 @@ class Intervention:
             raise ValueError("ACE (affine) interventions need the harmless mean as reference")
 
     @property
+    def is_identity(self) -> bool:
+        """True for a zero direction: every kind and mode then leaves activations as they are
+        (``r̂ = r / (‖r‖ + 1e-8)`` is zero too, so nothing is projected out or added)."""
+        return not bool(self.direction.any())
+
+    @property
     def start_layer(self) -> int:
         """The first block whose input this intervention changes."""
         return 0 if (self.kind, self.mode) == ("ablate", "lce") else self.layer

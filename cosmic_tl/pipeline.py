@@ -98,7 +98,9 @@ def filter_by_refusal_score(
     """Arditi's prompt filter: harmful prompts the model refuses, harmless ones it answers."""
     kept = []
     for prompts, sign in ((harmful, 1.0), (harmless, -1.0)):
-        logits = Runner(model, prompts, batch_size=batch_size, reuse_prefix=False).clean.logits
+        logits = Runner(
+            model, prompts, batch_size=batch_size, reuse_prefix=False, share_prefix=False
+        ).clean.logits
         assert logits is not None
         score = refusal_score(logits, token_ids)
         kept.append([p for p, s in zip(prompts, score.tolist(), strict=True) if sign * s > 0])
@@ -198,6 +200,7 @@ class Pipeline:
                 batch_size=cfg.batch_size,
                 system=cfg.system_prompt,
                 reuse_prefix=cfg.reuse_prefix,
+                share_prefix=cfg.share_prefix,
                 progress=self.progress,
             )
             hv, lv = self.prompts["harmful_val"], self.prompts["harmless_val"]

@@ -178,3 +178,27 @@ def batches(
         left_pad([ids[i] for i in chunk], pad, chunk)
         for chunk in (order[s : s + batch_size] for s in range(0, len(order), batch_size))
     ]
+
+
+def shared_prefix_length(batches: Sequence[Batch]) -> int:
+    """Tokens at the start of every prompt that are the same in all of them.
+
+    Capped so that each prompt keeps at least one token of its own. Chat templates
+    with a default system turn give a long shared prefix (24 tokens for SmolLM2).
+    """
+    rows = [b.tokens[i, b.tokens.shape[1] - int(n) :] for b in batches for i, n in enumerate(b.lengths)]
+    limit = min(len(r) for r in rows) - 1
+    first = rows[0]
+    n = 0
+    while n < limit and all(int(r[n]) == int(first[n]) for r in rows):
+        n += 1
+    return n
+
+
+def drop_prefix(batch: Batch, n: int, pad: int) -> Batch:
+    """The same prompts without their first ``n`` tokens, left-padded again with ``pad``."""
+    width = batch.tokens.shape[1]
+    if n < 0 or n >= int(batch.lengths.min()):
+        raise ValueError(f"cannot drop {n} tokens from prompts as short as {int(batch.lengths.min())}")
+    rows = [batch.tokens[i, width - int(k) + n :].tolist() for i, k in enumerate(batch.lengths)]
+    return left_pad(rows, pad, batch.index)

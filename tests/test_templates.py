@@ -82,3 +82,28 @@ def test_batches_left_pad_and_sort(tok):
         assert b.tokens.shape == b.attention_mask.shape
     with pytest.raises(ValueError, match="longer than the model's context"):
         batches(tok, prompts, 2, max_len=10)
+
+
+def test_shared_prefix_and_drop_prefix():
+    from cosmic_tl.templates import drop_prefix, left_pad, shared_prefix_length
+
+    rows = [[5, 6, 7, 1, 2], [5, 6, 7, 3], [5, 6, 9, 9, 9, 4]]
+    b = left_pad(rows, 0, [0, 1, 2])
+    assert shared_prefix_length([b]) == 2
+    cut = drop_prefix(b, 2, 0)
+    assert cut.tokens.tolist() == [[0, 7, 1, 2], [0, 0, 7, 3], [9, 9, 9, 4]]
+    assert cut.attention_mask.sum(-1).tolist() == [3, 2, 4] and cut.index == (0, 1, 2)
+    # Every prompt keeps at least one token of its own, across batches too.
+    same = [left_pad([[1, 2, 3]], 0, [0]), left_pad([[1, 2, 3, 4]], 0, [1])]
+    assert shared_prefix_length(same) == 2
+    with pytest.raises(ValueError, match="cannot drop"):
+        drop_prefix(b, 4, 0)
+
+
+def test_chat_template_prefix_is_shared(tok):
+    from cosmic_tl.templates import _SENTINEL, shared_prefix_length
+
+    head = format_prompt(tok, _SENTINEL).split(_SENTINEL)[0]
+    n_head = len(tok(head, add_special_tokens=False)["input_ids"])
+    todo = batches(tok, ["Name a red fruit.", "Why is the sky blue?", "List three primes."], 2)
+    assert n_head > 10 and shared_prefix_length(todo) == n_head
