@@ -172,7 +172,9 @@ class Runner:
     attention makes this exact up to float rounding; the runner checks it against
     a full forward of the clean prompts when it is built and, if the two disagree
     (a model whose attention does not take a cache this way), warns and replays
-    whole prompts instead.
+    whole prompts instead. It shares only when that removes at least a quarter of
+    the tokens a pass computes (padding included), so a template that puts a few
+    tokens before the instruction does not pay the extra batch-1 replay for little.
     """
 
     def __init__(
@@ -214,11 +216,15 @@ class Runner:
         n = shared_prefix_length(todo)
         if n == 0:
             return
+        pad = pad_id(self.model.tokenizer)
+        rest = [drop_prefix(b, n, pad) for b in todo]
+        before = sum(b.tokens.numel() for b in todo)
+        if n + sum(b.tokens.numel() for b in rest) > (1 - _MIN_SHARED_SAVING) * before:
+            return  # too little to gain for an extra batch-1 replay per pass
         whole, clean = self._batches, self.clean
         try:
             self._prefix = self._prepare_prefix(todo[0], n)
-            pad = pad_id(self.model.tokenizer)
-            self._batches = [self._prepare(drop_prefix(b, n, pad)) for b in todo]
+            self._batches = [self._prepare(b) for b in rest]
             replay = self.run(None, eval_layers=range(self.n_layers), logits=True)
             self.passes -= 1  # the check is not a scoring pass
             problem = _disagreement(replay, clean)
@@ -385,6 +391,9 @@ class Runner:
 
 
 _CACHE_KEYS = ("past_key_values", "past_key_value")
+# Share the prompts' common tokens only if that removes at least this fraction of the
+# tokens a pass computes: the batch-1 replay of the shared tokens has its own overhead.
+_MIN_SHARED_SAVING = 0.25
 
 
 def _hidden(out: Any) -> Tensor:

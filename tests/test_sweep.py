@@ -223,6 +223,14 @@ def test_shared_prompt_tokens_match_whole_prompts(tiny):
         assert shared.flops - f1 < whole.flops - f0
 
 
+def test_shared_prompt_tokens_only_when_they_save_enough(tiny, monkeypatch):
+    import importlib
+
+    sweep_mod = importlib.import_module("cosmic_tl.sweep")
+    monkeypatch.setattr(sweep_mod, "_MIN_SHARED_SAVING", 0.99)
+    assert sweep_mod.Runner(tiny, VAL_H, batch_size=2).shared_tokens == 0
+
+
 def test_shared_prompt_tokens_fall_back_when_the_check_fails(tiny, monkeypatch):
     """If attention ignored the shared tokens' keys, the build-time check must notice."""
     import importlib
