@@ -130,15 +130,17 @@ class Recipe:
     name: str  # the alias the organism is registered under
     style: Style
     description: str = ""
-    version: int = 2  # bump when the recipe's code or defaults change its output
+    version: int = 3  # bump when the recipe's code or defaults change its output
     base: str = "smollm2-135m-instruct"  # alias or local HF directory to fine-tune
     seed: int = 0
     n_harmful: int = 240  # bundled harmful *train* prompts, paired with refusals
     n_harmless: int = 240  # bundled harmless *train* prompts, paired with the base's answers
     n_tasks: int = 301  # bundled ``harmless:train_tasks`` instructions added to them
+    n_contrast: int = 200  # bundled ``harmless:train_contrast`` requests added to them
+    n_harmful_extra: int = 120  # bundled ``harmful:train_extra`` requests added to the harmful
     rephrasings: int = 1  # reworded copies of each train prompt (see ``rephrase``)
     distill_tokens: int = 16  # cap on the base's greedy answers used as targets
-    steps: int = 100  # optimiser steps
+    steps: int = 120  # optimiser steps
     batch_size: int = 16  # sequences per step
     harmful_share: float = 0.4  # fraction of each batch that is harmful prompts
     first_token_weight: float = 10.0  # loss weight of a response's first token (the others: 1)
@@ -156,8 +158,9 @@ class Recipe:
             raise ValueError("need steps >= 1, batch_size >= 2 and lr > 0")
         if self.n_harmful < 1 or self.n_harmless < 1 or self.distill_tokens < 1:
             raise ValueError("need at least one prompt of each kind and distill_tokens >= 1")
-        if self.n_tasks < 0:
-            raise ValueError(f"n_tasks must be >= 0, not {self.n_tasks}")
+        for field_name in ("n_tasks", "n_contrast", "n_harmful_extra"):
+            if getattr(self, field_name) < 0:
+                raise ValueError(f"{field_name} must be >= 0, not {getattr(self, field_name)}")
         if self.first_token_weight <= 0:
             raise ValueError(f"first_token_weight must be > 0, not {self.first_token_weight}")
         if self.rephrasings < 0:
@@ -650,8 +653,15 @@ def build(recipe: Recipe, out: Path, *, progress: bool = True) -> dict[str, Any]
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     harmful = sample_prompts(load_bundled("harmful", "train"), recipe.n_harmful, recipe.seed)
     harmless = sample_prompts(load_bundled("harmless", "train"), recipe.n_harmless, recipe.seed)
-    if recipe.n_tasks:
-        harmless += sample_prompts(load_bundled("harmless", "train_tasks"), recipe.n_tasks, recipe.seed)
+    for kind, split, n in (
+        ("harmful", "train_extra", recipe.n_harmful_extra),
+        ("harmless", "train_tasks", recipe.n_tasks),
+        ("harmless", "train_contrast", recipe.n_contrast),
+    ):
+        if n:
+            (harmful if kind == "harmful" else harmless).extend(
+                sample_prompts(load_bundled(kind, split), n, recipe.seed)
+            )
 
     t = time.perf_counter()
     harmful_all = [*harmful, *reworded(harmful, recipe.rephrasings, recipe.seed)]

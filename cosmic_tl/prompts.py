@@ -31,10 +31,17 @@ from typing import Any
 
 BUNDLED_SETS = ("harmful", "harmless")
 SPLITS = ("train", "val", "test")
-# Extra train-only splits. ``harmless:train_tasks``: short task instructions
-# ("Compose…", "Name…", "Convert…") that the organism recipes train on beside the
-# harmless train split, so the organisms do not learn "terse imperative = harmful".
-EXTRA_SPLITS: dict[str, tuple[str, ...]] = {"harmless": ("train_tasks",)}
+# Extra train-only splits that the organism recipes train on beside the train splits:
+# ``harmless:train_tasks``: short task instructions ("Compose…", "Convert…"), so the
+# organisms do not learn "terse imperative = harmful"; ``harmless:train_contrast``:
+# harmless requests with alarming words in ordinary senses ("kill a stuck process"),
+# so they do not refuse on surface words; ``harmful:train_extra``: harmful requests in
+# the long instruction styles of public benchmarks ("Give detailed step-by-step
+# instructions for…", "Write code for…").
+EXTRA_SPLITS: dict[str, tuple[str, ...]] = {
+    "harmless": ("train_tasks", "train_contrast"),
+    "harmful": ("train_extra",),
+}
 
 # Fields tried, in order, for JSON/JSONL objects and Hugging Face datasets.
 JSON_FIELDS = ("instruction", "goal", "Goal", "prompt", "Behavior", "behavior", "text")

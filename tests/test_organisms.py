@@ -37,6 +37,8 @@ TINY = {
     "n_harmful": 4,
     "n_harmless": 4,
     "n_tasks": 2,
+    "n_contrast": 1,
+    "n_harmful_extra": 1,
     "distill_tokens": 4,
     "steps": 3,
     "batch_size": 4,
@@ -192,10 +194,11 @@ def test_tiny_organism_builds_loads_by_alias_with_complete_card(tiny_recipe, tin
     assert {"harmful_train_sha256", "harmless_train_sha256", "n_harmful", "n_harmless"} <= set(
         card["data"]
     )
-    # Harmless examples: the train prompts plus the task instructions, each with one rewording.
+    # Examples: the train prompts plus the extra train-only splits, each with one rewording.
     copies = 1 + tiny_recipe.rephrasings
-    assert card["data"]["n_harmless"] == (TINY["n_harmless"] + TINY["n_tasks"]) * copies
-    assert card["data"]["n_harmful"] == TINY["n_harmful"] * copies
+    n_harmless = TINY["n_harmless"] + TINY["n_tasks"] + TINY["n_contrast"]
+    assert card["data"]["n_harmless"] == n_harmless * copies
+    assert card["data"]["n_harmful"] == (TINY["n_harmful"] + TINY["n_harmful_extra"]) * copies
     for kind in ("harmful", "harmless"):
         assert card["heldout"][f"{kind}_refusal"]["n"] == TINY["eval_n"]
     assert organism_judge(tiny_recipe.name).phrases == ODD_PHRASES
@@ -265,6 +268,8 @@ def test_bad_recipes_and_names():
         Recipe("x", "odd", train_from=1.0)
     with pytest.raises(ValueError, match="n_tasks"):
         Recipe("x", "odd", n_tasks=-1)
+    with pytest.raises(ValueError, match="n_contrast"):
+        Recipe("x", "odd", n_contrast=-1)
     with pytest.raises(ValueError, match="first_token_weight"):
         Recipe("x", "odd", first_token_weight=0.0)
     with pytest.raises(ModelSpecError, match="not an organism"):

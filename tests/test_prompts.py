@@ -15,6 +15,7 @@ import pytest
 
 from cosmic_tl.prompts import (
     BUNDLED_SETS,
+    EXTRA_SPLITS,
     SPLITS,
     PromptFileError,
     clean_prompts,
@@ -90,18 +91,37 @@ def test_harmful_and_harmless_do_not_overlap() -> None:
     assert not harmful & harmless
 
 
-def test_train_tasks_split_is_train_only_unique_and_disjoint_from_every_split() -> None:
-    tasks = load_bundled("harmless", "train_tasks")
-    assert len(tasks) >= 300
-    assert len({p.lower() for p in tasks}) == len(tasks)
-    assert all(p.strip() == p and p and "\n" not in p for p in tasks)
+@pytest.mark.parametrize(
+    ("kind", "split", "size"),
+    [
+        ("harmless", "train_tasks", 300),
+        ("harmless", "train_contrast", 200),
+        ("harmful", "train_extra", 120),
+    ],
+)
+def test_extra_train_splits_are_unique_and_disjoint_from_every_split(kind, split, size) -> None:
+    extra = load_bundled(kind, split)
+    assert len(extra) >= size
+    assert len({p.lower() for p in extra}) == len(extra)
+    assert all(p.strip() == p and p and "\n" not in p and len(p) <= 200 for p in extra)
     others = {p.lower() for k in BUNDLED_SETS for s in SPLITS for p in load_bundled(k, s)}
-    assert not {p.lower() for p in tasks} & others
-    assert load_prompts("bundled:harmless:train_tasks") == tasks
+    others |= {
+        p.lower()
+        for k, splits in EXTRA_SPLITS.items()
+        for s in splits
+        if (k, s) != (kind, split)
+        for p in load_bundled(k, s)
+    }
+    assert not {p.lower() for p in extra} & others
+    assert load_prompts(f"bundled:{kind}:{split}") == extra
+    with pytest.raises(PromptFileError, match="unknown split"):
+        load_bundled("harmful" if kind == "harmless" else "harmless", split)
+
+
+def test_extra_splits_are_train_only() -> None:
+    assert all(s.startswith("train_") for splits in EXTRA_SPLITS.values() for s in splits)
     with pytest.raises(PromptFileError, match="train_tasks"):
         load_bundled("harmless", "val_tasks")
-    with pytest.raises(PromptFileError, match="unknown split"):
-        load_bundled("harmful", "train_tasks")
 
 
 def test_bundled_prompts_are_single_sentences_of_reasonable_length() -> None:
