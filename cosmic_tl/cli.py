@@ -155,7 +155,7 @@ def _dispatch(ns: argparse.Namespace, say: Any) -> int:
         for alias in ns.aliases:
             if ns.rebuild or not models.is_cached(alias):
                 organism = models.aliases()[alias].base is not None
-                took = "a fine-tune of about 9 minutes on 2 CPU cores" if organism else "under a minute"
+                took = "a fine-tune of about 11 minutes on 2 CPU cores" if organism else "under a minute"
                 say(f"building {alias} ({took}) ...")
             say(f"built: {models.ensure_alias(alias, rebuild=ns.rebuild)}")
         return 0

@@ -225,13 +225,15 @@ def _pick_trace(selection: Selection, *, showlegend: bool = True) -> go.Scatter 
 
 def _mark_eval_layers(fig: go.Figure, scores: Scores, **where: int) -> None:
     """Dashed column outlines at COSMIC's evaluation layers (the residual after block j)."""
-    for n, j in enumerate(sorted(scores.eval_layers)):
+    layers = sorted(scores.eval_layers)
+    label = f"evaluation layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}"
+    for n, j in enumerate(layers):
         fig.add_vrect(
             x0=j - 0.5,
             x1=j + 0.5,
             line={"dash": "dash", "color": "black", "width": 1.5},
             fillcolor="rgba(0,0,0,0)",
-            name=f"evaluation layer {j}",
+            name=label,
             legendgroup="eval",
             showlegend=n == 0 and where.get("col", 1) == 1,
             annotation_text="eval",
