@@ -4,7 +4,7 @@
 and returns ``[pos, layer]`` grids. :func:`score_candidates` builds COSMIC's and
 the baseline's metrics on a :class:`Runner` and decides which cells need them.
 
-Why the runner is fast without changing any number:
+Why the runner is fast without changing its results (beyond float rounding):
 
 - **Prefix reuse.** A one-layer intervention at block ``l`` leaves blocks ``< l``
   untouched, so the runner caches each block's clean input once and replays only
