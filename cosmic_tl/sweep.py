@@ -242,7 +242,7 @@ class Runner:
 
     @torch.no_grad()
     def _prepare_prefix(self, batch: Batch, n: int) -> _SharedPrefix:
-        tokens = batch.tokens[:1, batch.tokens.shape[1] - int(batch.lengths[0]) :][:, :n]
+        tokens = batch.rows()[0][None, :n]
         kwargs: list[dict[str, Any]] = [{} for _ in range(self.n_layers)]
         keys: set[str] = set()
 

@@ -107,6 +107,11 @@ class Batch:
     def lengths(self) -> Int[Tensor, " batch"]:
         return self.attention_mask.sum(-1)
 
+    def rows(self) -> list[Int[Tensor, " tokens"]]:
+        """Each prompt's tokens without the padding."""
+        width = self.tokens.shape[1]
+        return [self.tokens[i, width - int(n) :] for i, n in enumerate(self.lengths)]
+
 
 def encode(
     tokenizer: Any,
@@ -186,7 +191,7 @@ def shared_prefix_length(batches: Sequence[Batch]) -> int:
     Capped so that each prompt keeps at least one token of its own. Chat templates
     with a default system turn give a long shared prefix (24 tokens for SmolLM2).
     """
-    rows = [b.tokens[i, b.tokens.shape[1] - int(n) :] for b in batches for i, n in enumerate(b.lengths)]
+    rows = [row for b in batches for row in b.rows()]
     limit = min(len(r) for r in rows) - 1
     first = rows[0]
     n = 0
@@ -197,8 +202,6 @@ def shared_prefix_length(batches: Sequence[Batch]) -> int:
 
 def drop_prefix(batch: Batch, n: int, pad: int) -> Batch:
     """The same prompts without their first ``n`` tokens, left-padded again with ``pad``."""
-    width = batch.tokens.shape[1]
     if n < 0 or n >= int(batch.lengths.min()):
         raise ValueError(f"cannot drop {n} tokens from prompts as short as {int(batch.lengths.min())}")
-    rows = [batch.tokens[i, width - int(k) + n :].tolist() for i, k in enumerate(batch.lengths)]
-    return left_pad(rows, pad, batch.index)
+    return left_pad([row[n:].tolist() for row in batch.rows()], pad, batch.index)
