@@ -16,6 +16,7 @@ A minimal session::
 
 from cosmic_tl.candidates import Candidates, IncompatibleError, compute_candidates
 from cosmic_tl.config import PRESETS, Config, SelectionSettings, preset
+from cosmic_tl.engine import Runner, clean_logits
 from cosmic_tl.evaluation import (
     DEFAULT_REFUSAL_PHRASES,
     ClassifierJudge,
@@ -55,8 +56,14 @@ from cosmic_tl.selection import (
     select_cosmic,
     select_refusal_tokens,
 )
-from cosmic_tl.sweep import Runner, score_candidates, suggest_refusal_tokens, sweep
-from cosmic_tl.templates import ChatTemplateError, end_of_instruction, format_prompt
+from cosmic_tl.sweep import score_candidates, suggest_refusal_tokens, sweep
+from cosmic_tl.templates import (
+    ChatTemplateError,
+    Prompts,
+    chat_prompts,
+    end_of_instruction,
+    format_prompt,
+)
 
 __version__ = "0.1.0"
 
@@ -74,6 +81,7 @@ __all__ = [
     "ModelSpecError",
     "NoCandidateError",
     "PromptFileError",
+    "Prompts",
     "Rate",
     "Runner",
     "Scores",
@@ -85,6 +93,8 @@ __all__ = [
     "affine_ablate",
     "affine_add",
     "attack_success_rate",
+    "chat_prompts",
+    "clean_logits",
     "clean_prompts",
     "compare",
     "compute_candidates",

@@ -21,7 +21,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from cosmic_tl.templates import Batch, batches
+from cosmic_tl.templates import Prompts, prompts_for
 
 
 def eval_hook_names(n_layers: int) -> list[str]:
@@ -40,31 +40,15 @@ class Means:
 
     eoi: Float[Tensor, "pos layer d_model"] | None  # resid_pre at EOI positions
     eval: Float[Tensor, "layer d_model"]  # last-token evaluation activations
-    n_prompts: int
-
-
-def _context_length(model: Any) -> int | None:
-    n_ctx = getattr(model.cfg, "n_ctx", None)
-    return int(n_ctx) if n_ctx else None
-
-
-def prompt_batches(
-    model: Any, instructions: Sequence[str], batch_size: int, system: str | None = None
-) -> list[Batch]:
-    """Left-padded, length-sorted batches for ``model``, checked against its context."""
-    return batches(
-        model.tokenizer, instructions, batch_size, system=system, max_len=_context_length(model)
-    )
 
 
 @torch.no_grad()
 def mean_activations(
     model: Any,
-    instructions: Sequence[str],
+    prompts: Sequence[str] | Prompts,
     *,
     n_eoi: int,
     batch_size: int = 32,
-    system: str | None = None,
     progress: bool = True,
     desc: str = "activations",
 ) -> Means:
@@ -72,6 +56,7 @@ def mean_activations(
 
     ``n_eoi=0`` skips the ``resid_pre`` means (evaluation activations only).
     """
+    prompts = prompts_for(model, prompts)
     n_layers = model.cfg.n_layers
     eval_names = eval_hook_names(n_layers)
     pre_names = resid_pre_names(n_layers) if n_eoi else []
@@ -79,8 +64,7 @@ def mean_activations(
     width = max(n_eoi, 1)
     eoi_sum = torch.zeros(n_eoi, n_layers, model.cfg.d_model, dtype=torch.float64)
     eval_sum = torch.zeros(n_layers, model.cfg.d_model, dtype=torch.float64)
-    todo = prompt_batches(model, instructions, batch_size, system)
-    for batch in tqdm(todo, desc=desc, disable=not progress, leave=False):
+    for batch in tqdm(prompts.batches(batch_size), desc=desc, disable=not progress, leave=False):
         _, cache = model.run_with_cache(
             batch.tokens.to(_device(model)),
             attention_mask=batch.attention_mask.to(_device(model)),
@@ -91,8 +75,8 @@ def mean_activations(
             eoi_sum[:, i] += cache[name].double().sum(0).cpu()
         for j, name in enumerate(eval_names):
             eval_sum[j] += cache[name][:, -1].double().sum(0).cpu()
-    n = len(instructions)
-    return Means(eoi_sum / n if n_eoi else None, eval_sum / n, n)
+    n = len(prompts)
+    return Means(eoi_sum / n if n_eoi else None, eval_sum / n)
 
 
 def _device(model: Any) -> torch.device:

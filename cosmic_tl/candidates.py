@@ -17,11 +17,11 @@ from torch import Tensor
 
 from cosmic_tl.activations import mean_activations
 from cosmic_tl.models import model_id
-from cosmic_tl.store import read_json, read_tensors, write_json, write_tensors
-from cosmic_tl.templates import end_of_instruction
+from cosmic_tl.store import RecordError, load_record, record_paths, save_record
+from cosmic_tl.templates import Prompts, end_of_instruction, prompts_for
 
 
-class IncompatibleError(ValueError):
+class IncompatibleError(RecordError):
     """A saved result does not belong to this model or has the wrong shape."""
 
 
@@ -92,46 +92,26 @@ class Candidates:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write ``<path>.safetensors`` and ``<path>.json``; returns the tensor file."""
-        base = Path(path).with_suffix("")
-        write_tensors(
-            base.with_suffix(".safetensors"),
+        save_record(
+            path,
+            KIND,
+            {name: getattr(self, name) for name in _TENSORS},
             {
-                "directions": self.directions,
-                "harmful_mean": self.harmful_mean,
-                "harmless_mean": self.harmless_mean,
-                "eval_harmful": self.eval_harmful,
-                "eval_harmless": self.eval_harmless,
-            },
-        )
-        write_json(
-            base.with_suffix(".json"),
-            {
-                "kind": "cosmic_tl.Candidates",
                 "positions": list(self.positions),
                 "position_labels": list(self.position_labels),
                 "eoi_token_ids": list(self.eoi_token_ids),
                 "model_id": self.model_id,
                 "n_harmful": self.n_harmful,
                 "n_harmless": self.n_harmless,
-                "shape": list(self.directions.shape),
             },
         )
-        return base.with_suffix(".safetensors")
+        return record_paths(path)[0]
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], model: Any | None = None) -> Candidates:
         """Load saved candidates; with ``model``, check they belong to it."""
-        base = Path(path).with_suffix("")
-        meta = read_json(base.with_suffix(".json"))
-        if meta.get("kind") != "cosmic_tl.Candidates":
-            raise IncompatibleError(f"{base}.json does not describe cosmic_tl candidates")
-        t = read_tensors(base.with_suffix(".safetensors"))
-        if list(t["directions"].shape) != meta["shape"]:
-            raise IncompatibleError(
-                f"{base}.safetensors holds shape {list(t['directions'].shape)}, its JSON says "
-                f"{meta['shape']}: the files do not belong together"
-            )
         try:
+            t, meta = load_record(path, KIND)
             out = cls(
                 t["directions"],
                 t["harmful_mean"],
@@ -145,32 +125,44 @@ class Candidates:
                 int(meta["n_harmful"]),
                 int(meta["n_harmless"]),
             )
+        except RecordError as err:
+            raise IncompatibleError(str(err)) from err
         except KeyError as err:
-            raise IncompatibleError(f"{base}: missing field {err}") from err
+            raise IncompatibleError(f"{path}: missing field {err}") from err
         if model is not None:
             out.check_compatible(model)
         return out
 
 
+KIND = "cosmic_tl.Candidates"
+_TENSORS = ("directions", "harmful_mean", "harmless_mean", "eval_harmful", "eval_harmless")
+
+
 def compute_candidates(
     model: Any,
-    harmful: Sequence[str],
-    harmless: Sequence[str],
+    harmful: Sequence[str] | Prompts,
+    harmless: Sequence[str] | Prompts,
     *,
     batch_size: int = 32,
-    system: str | None = None,
     progress: bool = True,
 ) -> Candidates:
     """Difference-in-means candidates from harmful and harmless training prompts.
+
+    Plain strings are formatted with the template's default system prompt; pass
+    :func:`~cosmic_tl.templates.chat_prompts` results for another one (both sets must
+    use the same system prompt, since it decides the end-of-instruction tokens).
 
     >>> cands = compute_candidates(model, harmful_train, harmless_train)  # doctest: +SKIP
     >>> cands.directions.shape  # [k EOI positions, n layers, d_model]     # doctest: +SKIP
     """
     if not harmful or not harmless:
         raise ValueError("need at least one harmful and one harmless prompt")
-    eoi = end_of_instruction(model.tokenizer, system)
+    harmful, harmless = prompts_for(model, harmful), prompts_for(model, harmless)
+    if harmful.system != harmless.system:
+        raise ValueError("harmful and harmless prompts were formatted with different system prompts")
+    eoi = end_of_instruction(model.tokenizer, harmful.system)
     k = len(eoi.token_ids)
-    kw: dict[str, Any] = {"n_eoi": k, "batch_size": batch_size, "system": system}
+    kw: dict[str, Any] = {"n_eoi": k, "batch_size": batch_size}
     mh = mean_activations(model, harmful, progress=progress, desc="harmful means", **kw)
     ml = mean_activations(model, harmless, progress=progress, desc="harmless means", **kw)
     assert mh.eoi is not None and ml.eoi is not None

@@ -160,31 +160,36 @@ def _dispatch(ns: argparse.Namespace, say: Any) -> int:
             say(f"built: {models.ensure_alias(alias, rebuild=ns.rebuild)}")
         return 0
     from cosmic_tl.pipeline import Pipeline
+    from cosmic_tl.rundir import RunDir
     from cosmic_tl.store import read_json
 
     if ns.command == "export":
         from cosmic_tl.config import torch_dtype
         from cosmic_tl.export import load_direction, save_orthogonalized
 
-        cfg = Config.from_dict(read_json(ns.out / "config.json"))
-        direction, _, meta = load_direction(ns.out / "direction.safetensors")
+        run = RunDir(ns.out)
+        cfg = Config.from_dict(read_json(run.config))
+        direction, _, meta = load_direction(run.direction)
         model = models.load_model(cfg.model, device=cfg.device, dtype=torch_dtype(cfg.dtype))
         say(f"orthogonalising layer-{meta.get('layer')} direction out of {cfg.model} ...")
         say(f"saved: {save_orthogonalized(model, direction.float(), ns.to)}")
         return 0
     if ns.command == "report":
-        cfg = Config.from_dict(read_json(ns.out / "config.json"))
-        Pipeline(cfg, ns.out, progress=False, say=say).report()
+        cfg = Config.from_dict(read_json(RunDir(ns.out).config))
+        with Pipeline(cfg, ns.out, progress=False, say=say) as pipe:
+            pipe.report()
         return 0
     cfg = config_from_args(ns)
     _announce_build(cfg, say)
-    pipe = Pipeline(cfg, ns.out or _default_out(cfg), progress=not ns.quiet, force=ns.force, say=say)
-    stage = STAGE_COMMANDS[ns.command]
-    if stage == "run":
-        pipe.run()
-    else:
-        getattr(pipe, stage)()
-        pipe.report()
+    with Pipeline(
+        cfg, ns.out or _default_out(cfg), progress=not ns.quiet, force=ns.force, say=say
+    ) as pipe:
+        stage = STAGE_COMMANDS[ns.command]
+        if stage == "run":
+            pipe.run()
+        else:
+            getattr(pipe, stage)()
+            pipe.report()
     return 0
 
 

@@ -7,8 +7,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -107,12 +105,6 @@ class Config:
         if unknown:
             raise ValueError(f"unknown config fields: {sorted(unknown)}")
         return cls(**data, selection=sel)
-
-    def digest(self, *names: str) -> str:
-        """A short hash of the named fields (all fields when none are named)."""
-        full = self.to_dict()
-        part = {k: full[k] for k in names} if names else full
-        return hashlib.sha256(json.dumps(part, sort_keys=True).encode()).hexdigest()[:16]
 
 
 _SELECTION_FIELDS = {f.name for f in dataclasses.fields(SelectionSettings)}

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from cosmic_tl.interventions import Intervention, intervene
 from cosmic_tl.store import atomic_write_bytes
-from cosmic_tl.templates import Batch, encode, left_pad, pad_id
+from cosmic_tl.templates import Batch, Prompts, chat_prompts, context_length
 
 # ---------------------------------------------------------------- generation
 
@@ -101,65 +101,55 @@ def _until_stop(row: Int[Tensor, " new"], stop_ids: Sequence[int]) -> list[int]:
 
 
 def _generation_batches(
-    model: Any,
-    instructions: Sequence[str],
-    *,
-    max_new_tokens: int,
-    batch_size: int,
-    system: str | None,
+    model: Any, prompts: Sequence[str] | Prompts, *, max_new_tokens: int, batch_size: int
 ) -> list[Batch]:
     """Length-sorted left-padded batches, each prompt checked to leave room for the answer."""
-    if not instructions:
+    if not prompts:
         raise ValueError("no instructions to generate from")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, not {max_new_tokens}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-    ids = encode(model.tokenizer, instructions, system=system)
-    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if not isinstance(prompts, Prompts):
+        prompts = chat_prompts(model.tokenizer, prompts)  # the context is checked below
+    n_ctx = context_length(model)
     if n_ctx:
         room = int(n_ctx) - max_new_tokens
-        for i, (text, row) in enumerate(zip(instructions, ids, strict=True)):
+        for i, (text, row) in enumerate(zip(prompts.instructions, prompts.ids, strict=True)):
             if len(row) > room:
                 raise ValueError(
                     f"prompt {i} is {len(row)} tokens; with max_new_tokens={max_new_tokens} "
                     f"it must fit in the model's context of {n_ctx} minus {max_new_tokens} "
                     f"= {room} tokens: {text[:80]!r}"
                 )
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    pad = pad_id(model.tokenizer)
-    return [
-        left_pad([ids[i] for i in order[s : s + batch_size]], pad, order[s : s + batch_size])
-        for s in range(0, len(order), batch_size)
-    ]
+    return prompts.batches(batch_size)
 
 
 def generate(
     model: Any,
-    instructions: Sequence[str],
+    prompts: Sequence[str] | Prompts,
     *,
     intervention: Intervention | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 16,
-    system: str | None = None,
     use_cache: bool = True,
     progress: bool = True,
 ) -> list[str]:
-    """Greedy completions of chat-formatted ``instructions``, in input order.
+    """Greedy completions of chat-formatted prompts, in input order.
 
-    Prompts are batched by length and left-padded; ``intervention`` (if given) is
-    applied at every position of the prompt and of the answer. Each completion is
-    the decoded new tokens up to the first EOS, special tokens skipped. The
-    paper generates 512 new tokens; the default is shorter for CPU runs.
+    Plain strings are formatted with the template's default system prompt; pass
+    :func:`~cosmic_tl.templates.chat_prompts` results for another. Prompts are
+    batched by length and left-padded; ``intervention`` (if given) is applied at
+    every position of the prompt and of the answer. Each completion is the decoded
+    new tokens up to the first EOS, special tokens skipped. The paper generates 512
+    new tokens; the default is shorter for CPU runs.
 
     Raises ``ValueError`` for an empty list or a prompt that leaves fewer than
     ``max_new_tokens`` positions of the model's context.
     """
-    todo = _generation_batches(
-        model, instructions, max_new_tokens=max_new_tokens, batch_size=batch_size, system=system
-    )
+    todo = _generation_batches(model, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     stops = stop_token_ids(model)
-    completions: list[str] = [""] * len(instructions)
+    completions: list[str] = [""] * len(prompts)
     with intervene(model, intervention) if intervention is not None else nullcontext():
         for batch in tqdm(todo, desc="generate", unit="batch", disable=not progress, leave=False):
             new = greedy_tokens(
@@ -367,28 +357,27 @@ class EvalResult:
 
 def evaluate(
     model: Any,
-    instructions: Sequence[str],
+    prompts: Sequence[str] | Prompts,
     *,
     judge: Judge,
     intervention: Intervention | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 16,
-    system: str | None = None,
     use_cache: bool = True,
     progress: bool = True,
 ) -> EvalResult:
     """Generate greedily (under ``intervention``), judge, and compute the refusal rate."""
     completions = generate(
         model,
-        instructions,
+        prompts,
         intervention=intervention,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
-        system=system,
         use_cache=use_cache,
         progress=progress,
     )
-    verdicts = judge(list(instructions), completions)
+    instructions = list(prompts.instructions if isinstance(prompts, Prompts) else prompts)
+    verdicts = judge(instructions, completions)
     if len(verdicts) != len(completions):
         raise ValueError(f"the judge gave {len(verdicts)} verdicts for {len(completions)} items")
     return EvalResult(tuple(instructions), tuple(completions), tuple(verdicts), refusal_rate(verdicts))

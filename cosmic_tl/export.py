@@ -21,15 +21,41 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from cosmic_tl.interventions import unit
-from cosmic_tl.store import read_json, read_tensors
+from cosmic_tl.selection import Selection
+from cosmic_tl.store import load_record, save_record
+
+DIRECTION_KIND = "cosmic_tl.Direction"
+
+
+def save_direction(
+    path: str | os.PathLike[str], sel: Selection, *, model: str, alpha: float = 1.0
+) -> Path:
+    """A pick's direction and affine reference as a record, with a card on how to use it."""
+    if sel.direction is None or sel.reference is None:
+        raise ValueError(f"{sel.method} has no picked direction to save: {sel.message}")
+    card = {
+        "format": "safetensors with 'direction' [d_model] (r = μ_harmful − μ_harmless, not "
+        "normalised) and 'reference' [d_model] (μ_harmless, the affine reference)",
+        "model": model,
+        "method": sel.method,
+        "position": sel.position,
+        "layer": sel.layer,
+        "hook": f"blocks.{sel.layer}.hook_resid_pre",
+        "mode": sel.mode,
+        "alpha": alpha,
+        "scores": sel.scores,
+        "use": "cosmic_tl.Intervention('ablate'|'add', mode, direction, layer, reference)",
+    }
+    return save_record(
+        path, DIRECTION_KIND, {"direction": sel.direction, "reference": sel.reference}, card
+    )
 
 
 def load_direction(path: str | os.PathLike[str]) -> tuple[Tensor, Tensor | None, dict[str, Any]]:
-    """``(direction, reference, metadata)`` from a run's ``direction.safetensors`` (+ ``.json``)."""
-    base = Path(path).with_suffix("")
-    t = read_tensors(base.with_suffix(".safetensors"))
-    meta = read_json(base.with_suffix(".json")) if base.with_suffix(".json").exists() else {}
-    return t["direction"], t.get("reference"), dict(meta)
+    """``(direction, reference, card)`` from a record written by :func:`save_direction`
+    (a run's ``direction.safetensors`` + ``direction.json``)."""
+    t, meta = load_record(path, DIRECTION_KIND)
+    return t["direction"], t.get("reference"), meta
 
 
 def _writers(model: Any) -> list[nn.Module]:

@@ -21,7 +21,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-Mode = Literal["ace", "lce"]
+from cosmic_tl.config import Mode
+
 Kind = Literal["ablate", "add"]
 HookFn = Callable[[Tensor, Any], Tensor]
 

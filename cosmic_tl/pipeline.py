@@ -2,7 +2,12 @@
 
 This is the I/O edge of cosmic_tl: it loads prompts and models, calls the library, and
 writes results into a :class:`~cosmic_tl.rundir.RunDir`. Each stage is reused when
-its inputs are unchanged (see :mod:`cosmic_tl.rundir`).
+its inputs are unchanged (see :mod:`cosmic_tl.rundir`). A pipeline holds the run
+directory's lock from construction to :meth:`Pipeline.close`; use it as a context
+manager::
+
+    with Pipeline(cfg, "runs/demo") as pipe:
+        pipe.run()
 """
 
 from __future__ import annotations
@@ -12,23 +17,25 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from cosmic_tl.candidates import Candidates, compute_candidates
 from cosmic_tl.config import Config, torch_dtype
+from cosmic_tl.engine import clean_logits
 from cosmic_tl.evaluation import (
     DEFAULT_REFUSAL_PHRASES,
     EvalResult,
-    Rate,
     SubstringJudge,
     evaluate,
     save_completions,
 )
-from cosmic_tl.interventions import Intervention
-from cosmic_tl.models import load_model, model_id, read_card, resolve_spec
+from cosmic_tl.export import save_direction
+from cosmic_tl.interventions import Kind
+from cosmic_tl.models import load_model, read_card, resolve_spec
 from cosmic_tl.prompts import clean_prompts, load_prompts, prompts_sha256, sample_prompts
-from cosmic_tl.rundir import RunDir
-from cosmic_tl.scoring import Scores, refusal_score
+from cosmic_tl.rundir import METHODS, MethodMetrics, RunDir, RunMetrics
+from cosmic_tl.scoring import Scores, encode_refusal_tokens, refusal_score
 from cosmic_tl.selection import (
     NoCandidateError,
     Selection,
@@ -36,8 +43,9 @@ from cosmic_tl.selection import (
     select_cosmic,
     select_refusal_tokens,
 )
-from cosmic_tl.store import read_json, write_json, write_tensors
-from cosmic_tl.sweep import Runner, score_candidates
+from cosmic_tl.store import write_json
+from cosmic_tl.sweep import resolve_refusal_tokens, score_candidates
+from cosmic_tl.templates import Prompts, chat_prompts, context_length
 
 log = logging.getLogger("cosmic_tl")
 
@@ -49,6 +57,8 @@ SETS = (
     "harmful_test",
     "harmless_test",
 )
+# Bump when the select stage's files change format, so older run directories redo it.
+SELECT_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -75,8 +85,9 @@ def load_run_prompts(cfg: Config) -> RunPrompts:
     return RunPrompts(out)
 
 
-def judge_phrases(cfg: Config) -> tuple[str, ...]:
-    """The organism's own refusal phrases if its card has them, else the default list."""
+def run_judge(cfg: Config) -> SubstringJudge:
+    """The substring judge of a run: the organism's own refusal phrases if its card
+    has them, else the default list."""
     kind, name = resolve_spec(cfg.model)
     if kind == "alias":
         try:
@@ -84,27 +95,24 @@ def judge_phrases(cfg: Config) -> tuple[str, ...]:
         except OSError:
             phrases = None
         if phrases:
-            return tuple(phrases)
-    return DEFAULT_REFUSAL_PHRASES
+            return SubstringJudge(tuple(phrases))
+    return SubstringJudge(DEFAULT_REFUSAL_PHRASES)
 
 
 def filter_by_refusal_score(
     model: Any,
-    harmful: list[str],
-    harmless: list[str],
+    harmful: Prompts,
+    harmless: Prompts,
     token_ids: tuple[int, ...],
     batch_size: int,
-) -> tuple[list[str], list[str]]:
-    """Arditi's prompt filter: harmful prompts the model refuses, harmless ones it answers."""
+) -> tuple[Prompts, Prompts]:
+    """Arditi's prompt filter: harmful prompts the model refuses (refusal log-odds > 0),
+    harmless ones it answers (< 0), on the prompts as formatted (system prompt included)."""
     kept = []
     for prompts, sign in ((harmful, 1.0), (harmless, -1.0)):
-        logits = Runner(
-            model, prompts, batch_size=batch_size, reuse_prefix=False, share_prefix=False
-        ).clean.logits
-        assert logits is not None
-        score = refusal_score(logits, token_ids)
-        kept.append([p for p, s in zip(prompts, score.tolist(), strict=True) if sign * s > 0])
-    if not kept[0] or not kept[1]:
+        score = refusal_score(clean_logits(model, prompts, batch_size=batch_size), token_ids)
+        kept.append(prompts.subset([i for i, s in enumerate(score.tolist()) if sign * s > 0]))
+    if not len(kept[0]) or not len(kept[1]):
         raise ValueError(
             f"prompt filtering left {len(kept[0])} harmful and {len(kept[1])} harmless validation "
             "prompts; the model does not refuse with these refusal tokens. Turn off --filter-prompts"
@@ -113,7 +121,7 @@ def filter_by_refusal_score(
 
 
 class Pipeline:
-    """Runs (or resumes) the stages of one run directory."""
+    """Runs (or resumes) the stages of one run directory, holding its lock."""
 
     def __init__(
         self,
@@ -126,11 +134,29 @@ class Pipeline:
     ) -> None:
         self.cfg, self.progress = cfg, progress
         self.dir = RunDir(Path(out))
-        self.dir.open(cfg, force=force)
         self.say = say or log.info
         self.prompts = load_run_prompts(cfg)
+        self.dir.acquire()
+        try:
+            self.dir.open(cfg, force=force)
+        except BaseException:
+            self.dir.release()
+            raise
         self._model: Any = None
+        self._chat: dict[str, Prompts] = {}
         self.keys: dict[str, str] = {}
+
+    def close(self) -> None:
+        """Release the run directory's lock."""
+        self.dir.release()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
 
     @property
     def model(self) -> Any:
@@ -141,18 +167,26 @@ class Pipeline:
             )
         return self._model
 
+    def chat(self, name: str) -> Prompts:
+        """Prompt set ``name`` formatted (with the run's system prompt) and tokenised once."""
+        if name not in self._chat:
+            self._chat[name] = chat_prompts(
+                self.model.tokenizer,
+                self.prompts[name],
+                system=self.cfg.system_prompt,
+                max_len=context_length(self.model),
+            )
+        return self._chat[name]
+
     def _stage(
-        self,
-        name: str,
-        upstream: list[str],
-        outputs: list[str],
-        extra: Any,
-        work: Callable[[], dict[str, Any] | None],
+        self, name: str, upstream: list[str], extra: Any, work: Callable[[], dict[str, Any] | None]
     ) -> bool:
         key = self.dir.stage_key(name, self.cfg, [self.keys[u] for u in upstream], extra)
         self.keys[name] = key
+        outputs = self.dir.outputs(name, self.cfg)
         if self.dir.done(name, key, outputs):
-            self.say(f"[{name}] up to date, reusing {', '.join(outputs)}")
+            names = ", ".join(str(p.relative_to(self.dir.root)) for p in outputs)
+            self.say(f"[{name}] up to date, reusing {names}")
             return False
         self.say(f"[{name}] running ...")
         start = time.perf_counter()
@@ -166,167 +200,142 @@ class Pipeline:
         def work() -> None:
             c = compute_candidates(
                 self.model,
-                self.prompts["harmful_train"],
-                self.prompts["harmless_train"],
+                self.chat("harmful_train"),
+                self.chat("harmless_train"),
                 batch_size=self.cfg.batch_size,
-                system=self.cfg.system_prompt,
                 progress=self.progress,
             )
-            c.save(self.dir.path("candidates"))
+            c.save(self.dir.candidates)
 
-        self._stage(
-            "candidates",
-            [],
-            ["candidates.safetensors", "candidates.json"],
-            self.prompts.hash("harmful_train", "harmless_train"),
-            work,
+        self._stage("candidates", [], self.prompts.hash("harmful_train", "harmless_train"), work)
+
+    def _score(self, cands: Candidates, harmful: Prompts, harmless: Prompts, baseline: bool) -> Scores:
+        cfg = self.cfg
+        return score_candidates(
+            self.model,
+            cands,
+            harmful,
+            harmless,
+            mode=cfg.mode,
+            alpha=cfg.alpha,
+            settings=cfg.selection,
+            baseline=baseline,
+            refusal_tokens=cfg.refusal_tokens,
+            full=cfg.full_grids,
+            batch_size=cfg.batch_size,
+            reuse_prefix=cfg.reuse_prefix,
+            share_prefix=cfg.share_prefix,
+            progress=self.progress,
         )
 
     def scores(self) -> None:
         self.candidates()
-        outputs = ["scores.safetensors", "scores.json"]
-        if self.cfg.filter_prompts and self.cfg.baseline:
-            outputs += ["scores_baseline.safetensors", "scores_baseline.json"]
 
         def work() -> dict[str, Any]:
-            cands = Candidates.load(self.dir.path("candidates"), self.model)
+            cands = Candidates.load(self.dir.candidates, self.model)
             cfg = self.cfg
-            kw: dict[str, Any] = dict(
-                mode=cfg.mode,
-                alpha=cfg.alpha,
-                settings=cfg.selection,
-                refusal_tokens=cfg.refusal_tokens,
-                full=cfg.full_grids,
-                batch_size=cfg.batch_size,
-                system=cfg.system_prompt,
-                reuse_prefix=cfg.reuse_prefix,
-                share_prefix=cfg.share_prefix,
-                progress=self.progress,
-            )
-            hv, lv = self.prompts["harmful_val"], self.prompts["harmless_val"]
+            hv, lv = self.chat("harmful_val"), self.chat("harmless_val")
             split = cfg.filter_prompts and cfg.baseline
-            s = score_candidates(self.model, cands, hv, lv, baseline=cfg.baseline and not split, **kw)
-            s.save(self.dir.path("scores"))
+            s = self._score(cands, hv, lv, baseline=cfg.baseline and not split)
+            s.save(self.dir.scores())
             info: dict[str, Any] = {"gflop": s.stats.get("gflop")}
             if split:
-                from cosmic_tl.scoring import default_refusal_tokens, encode_refusal_tokens
-
-                names = cfg.refusal_tokens or default_refusal_tokens(model_id(self.model))
+                names = resolve_refusal_tokens(self.model, cfg.refusal_tokens, hv, lv, cfg.batch_size)
                 ids = encode_refusal_tokens(self.model.tokenizer, names)
                 fh, fl = filter_by_refusal_score(self.model, hv, lv, ids, cfg.batch_size)
-                b = score_candidates(self.model, cands, fh, fl, baseline=True, **kw)
-                b.save(self.dir.path("scores_baseline"))
+                b = self._score(cands, fh, fl, baseline=True)
+                b.save(self.dir.scores(filtered=True))
                 info["filtered_val"] = [len(fh), len(fl)]
             return info
 
-        self._stage(
-            "scores", ["candidates"], outputs, self.prompts.hash("harmful_val", "harmless_val"), work
-        )
+        self._stage("scores", ["candidates"], self.prompts.hash("harmful_val", "harmless_val"), work)
 
     def select(self) -> None:
         self.scores()
-        outputs = ["selection_cosmic.json", "comparison.json"]
-        if self.cfg.baseline:
-            outputs.append("selection_refusal_tokens.json")
 
         def work() -> dict[str, Any]:
-            cands = Candidates.load(self.dir.path("candidates"))
-            scores = Scores.load(self.dir.path("scores"))
+            cands = Candidates.load(self.dir.candidates)
+            cfg = self.cfg
             try:
-                cosmic = select_cosmic(scores, self.cfg.selection, cands)
+                cosmic = select_cosmic(
+                    Scores.load(self.dir.scores_for("cosmic", cfg)), cfg.selection, cands
+                )
             except NoCandidateError as err:
                 cosmic = err.selection
-            cosmic.save(self.dir.path("selection_cosmic"))
+            cosmic.save(self.dir.selection("cosmic"))
             info: dict[str, Any] = {"cosmic": cosmic.pick}
             comparison: dict[str, Any] = {}
-            if self.cfg.baseline:
-                bpath = (
-                    "scores_baseline"
-                    if self.dir.path("scores_baseline.json").exists() and self.cfg.filter_prompts
-                    else "scores"
-                )
-                base = select_refusal_tokens(
-                    Scores.load(self.dir.path(bpath)), self.cfg.selection, cands
-                )
-                base.save(self.dir.path("selection_refusal_tokens"))
+            if cfg.baseline:
+                scores = Scores.load(self.dir.scores_for("refusal_tokens", cfg))
+                base = select_refusal_tokens(scores, cfg.selection, cands)
+                base.save(self.dir.selection("refusal_tokens"))
                 comparison = compare(cosmic, base).to_dict()
                 info["refusal_tokens"] = base.pick
-            write_json(self.dir.path("comparison.json"), comparison)
+            write_json(self.dir.comparison, comparison)
             if cosmic.found:
-                assert cosmic.direction is not None and cosmic.reference is not None
-                write_tensors(
-                    self.dir.path("direction.safetensors"),
-                    {"direction": cosmic.direction, "reference": cosmic.reference},
-                )
-                write_json(self.dir.path("direction.json"), direction_card(cosmic, self.cfg))
+                save_direction(self.dir.direction, cosmic, model=cfg.model, alpha=cfg.alpha)
             return info
 
-        self._stage("select", ["scores"], outputs, None, work)
+        self._stage("select", ["scores"], {"format": SELECT_FORMAT}, work)
 
     def evaluate(self) -> None:
         self.select()
-        outputs = ["metrics.json"]
 
         def work() -> dict[str, Any]:
-            metrics = self._evaluate()
-            write_json(self.dir.path("metrics.json"), metrics)
+            self._evaluate().save(self.dir.metrics)
             return {}
 
+        judge = run_judge(self.cfg)
         self._stage(
             "evaluate",
             ["select"],
-            outputs,
-            {**self.prompts.hash("harmful_test", "harmless_test"), "judge": judge_phrases(self.cfg)},
+            {**self.prompts.hash("harmful_test", "harmless_test"), "judge": judge.phrases},
             work,
         )
 
-    def _evaluate(self) -> dict[str, Any]:
+    def _evaluate(self) -> RunMetrics:
         cfg = self.cfg
-        judge = SubstringJudge(judge_phrases(cfg))
-        ht, lt = self.prompts["harmful_test"], self.prompts["harmless_test"]
-        kw: dict[str, Any] = dict(
-            judge=judge,
-            max_new_tokens=cfg.max_new_tokens,
-            batch_size=min(cfg.batch_size, 16),
-            system=cfg.system_prompt,
-            progress=self.progress,
-        )
-        rates: dict[str, Any] = {"judge_phrases": list(judge.phrases)}
+        judge = run_judge(cfg)
+        ht, lt = self.chat("harmful_test"), self.chat("harmless_test")
 
-        def record(name: str, res: EvalResult) -> Rate:
-            save_completions(self.dir.path(f"completions/{name}.jsonl"), res)
-            return res.rate
+        def run(
+            name: str, prompts: Prompts, sel: Selection | None = None, kind: Kind = "ablate"
+        ) -> EvalResult:
+            iv = sel.intervention(kind, alpha=cfg.alpha) if sel is not None else None
+            res = evaluate(
+                self.model,
+                prompts,
+                judge=judge,
+                intervention=iv,
+                max_new_tokens=cfg.max_new_tokens,
+                batch_size=min(cfg.batch_size, 16),
+                progress=self.progress,
+            )
+            save_completions(self.dir.completions(name), res)
+            return res
 
-        rates["harmful, no intervention"] = record(
-            "harmful_baseline", evaluate(self.model, ht, **kw)
-        ).to_dict()
-        rates["harmless, no intervention"] = record(
-            "harmless_baseline", evaluate(self.model, lt, **kw)
-        ).to_dict()
-        for method in ("cosmic", "refusal_tokens"):
-            path = self.dir.path(f"selection_{method}.json")
-            if not path.exists():
+        harmful_clean = run("harmful_baseline", ht).rate
+        harmless_clean = run("harmless_baseline", lt).rate
+        methods: dict[str, MethodMetrics] = {}
+        for method in METHODS:
+            path = self.dir.selection(method)
+            if not path.with_suffix(".json").exists():
                 continue
             sel = Selection.load(path)
             if not sel.found:
-                rates[method] = {"found": False, "message": sel.message}
+                methods[method] = MethodMetrics(False, sel.message)
                 continue
-            assert sel.direction is not None and sel.layer is not None
-            ref = sel.reference.float() if sel.reference is not None else None
-            ablate = Intervention("ablate", cfg.mode, sel.direction.float(), sel.layer, ref, cfg.alpha)
-            added = Intervention("add", cfg.mode, sel.direction.float(), sel.layer, ref, cfg.alpha)
-            abl = evaluate(self.model, ht, intervention=ablate, **kw)
-            add = evaluate(self.model, lt, intervention=added, **kw)
-            abl_rate = record(f"harmful_ablated_{method}", abl)
-            rates[method] = {
-                "found": True,
-                "pick": list(sel.pick) if sel.pick else None,
-                "harmful, ablated": abl_rate.to_dict(),
-                "attack success rate": abl.asr.to_dict(),
-                "harmless, added": record(f"harmless_added_{method}", add).to_dict(),
-                "KL": sel.scores.get("KL"),
-            }
-        return rates
+            abl = run(f"harmful_ablated_{method}", ht, sel, "ablate")
+            add = run(f"harmless_added_{method}", lt, sel, "add")
+            methods[method] = MethodMetrics(
+                True,
+                pick=sel.pick,
+                harmful_ablated=abl.rate,
+                attack_success=abl.asr,
+                harmless_added=add.rate,
+                kl=sel.scores.get("KL"),
+            )
+        return RunMetrics(tuple(judge.phrases), harmful_clean, harmless_clean, methods)
 
     def report(self) -> Path:
         from cosmic_tl.report import write_report
@@ -338,25 +347,3 @@ class Pipeline:
     def run(self) -> Path:
         self.evaluate()
         return self.report()
-
-
-def direction_card(sel: Selection, cfg: Config) -> dict[str, Any]:
-    """JSON that documents direction.safetensors."""
-    return {
-        "format": "safetensors with 'direction' [d_model] (r = μ_harmful − μ_harmless, not "
-        "normalised) and 'reference' [d_model] (μ_harmless, the affine reference)",
-        "model": cfg.model,
-        "method": sel.method,
-        "position": sel.position,
-        "layer": sel.layer,
-        "hook": f"blocks.{sel.layer}.hook_resid_pre",
-        "mode": cfg.mode,
-        "alpha": cfg.alpha,
-        "scores": sel.scores,
-        "use": "cosmic_tl.Intervention('ablate'|'add', mode, direction, layer, reference)",
-    }
-
-
-def read_metrics(dir_: RunDir) -> dict[str, Any]:
-    p = dir_.path("metrics.json")
-    return dict(read_json(p)) if p.exists() else {}

@@ -353,13 +353,21 @@ def _status(selection: Selection | None, short: str) -> str:
     return f"{short}: {_pos(selection.pick[0])}, layer {selection.pick[1]}"
 
 
-def comparison_figure(scores: Scores, cosmic: Selection | None, baseline: Selection | None) -> go.Figure:
+def comparison_figure(
+    scores: Scores,
+    cosmic: Selection | None,
+    baseline: Selection | None,
+    baseline_scores: Scores | None = None,
+) -> go.Figure:
     """COSMIC's ranking beside the baseline's ``bypass`` grid, both picks on both panels.
 
-    Each panel shows its own method's discarded candidates. Without refusal-token grids
-    the right panel says so; a baseline that found nothing is named in the title.
+    Each panel shows its own method's discarded candidates. ``baseline_scores`` holds
+    the baseline's grids when they were scored apart (on filtered prompts), else
+    ``scores`` does. Without refusal-token grids the right panel says so; a baseline
+    that found nothing is named in the title.
     """
-    has_baseline = "bypass" in scores.grids
+    right_scores = baseline_scores if baseline_scores is not None else scores
+    has_baseline = "bypass" in right_scores.grids
     fig = make_subplots(
         rows=1,
         cols=2,
@@ -376,11 +384,11 @@ def comparison_figure(scores: Scores, cosmic: Selection | None, baseline: Select
     if cosmic is not None:
         fig.add_traces(_discarded_traces(scores, cosmic, "COSMIC "), rows=1, cols=1)
     if has_baseline:
-        right = _heatmap_trace(scores, "bypass")
+        right = _heatmap_trace(right_scores, "bypass")
         right.colorbar.update(x=1.01, len=0.9)
         fig.add_trace(right, row=1, col=2)
         if baseline is not None:
-            fig.add_traces(_discarded_traces(scores, baseline, "baseline "), rows=1, cols=2)
+            fig.add_traces(_discarded_traces(right_scores, baseline, "baseline "), rows=1, cols=2)
     else:
         fig.add_annotation(
             text="no refusal-token grids:<br>the baseline was disabled when scoring",
@@ -395,8 +403,10 @@ def comparison_figure(scores: Scores, cosmic: Selection | None, baseline: Select
             trace = _pick_trace(sel, showlegend=col == 1) if sel is not None else None
             if trace is not None:
                 fig.add_trace(trace, row=1, col=col)
-        if has_baseline or col == 1:
+        if col == 1:
             _mark_eval_layers(fig, scores, row=1, col=col)
+        elif has_baseline:
+            _mark_eval_layers(fig, right_scores, row=1, col=col)
         _axes(fig, scores, row=1, col=col)
     fig.update_yaxes(title_text="", row=1, col=2)
     same = cosmic is not None and baseline is not None and cosmic.found and cosmic.pick == baseline.pick
@@ -446,12 +456,16 @@ def refusal_bars(
 
 
 def summary_figures(
-    scores: Scores, cosmic: Selection | None = None, baseline: Selection | None = None
+    scores: Scores,
+    cosmic: Selection | None = None,
+    baseline: Selection | None = None,
+    baseline_scores: Scores | None = None,
 ) -> dict[str, go.Figure]:
     """Every figure that applies to these results, keyed by a file-friendly name.
 
     Keys: ``layer_cosines``, ``heatmap_cosmic_ranking``, ``heatmap_s_abl``,
-    ``heatmap_s_add``, ``heatmap_kl`` and, with baseline grids, ``heatmap_bypass``,
+    ``heatmap_s_add``, ``heatmap_kl`` and, with baseline grids (in ``scores``, or in
+    ``baseline_scores`` when the baseline was scored apart), ``heatmap_bypass``,
     ``heatmap_induce`` and (given a COSMIC selection) ``comparison``.
     """
     figs = {
@@ -461,9 +475,10 @@ def summary_figures(
         "heatmap_s_add": score_heatmap(scores, "S_add", selection=cosmic, show_discarded=False),
         "heatmap_kl": score_heatmap(scores, "KL", selection=cosmic),
     }
-    if "bypass" in scores.grids and "induce" in scores.grids:
-        figs["heatmap_bypass"] = score_heatmap(scores, "bypass", selection=baseline)
-        figs["heatmap_induce"] = score_heatmap(scores, "induce", selection=baseline)
+    bs = baseline_scores if baseline_scores is not None else scores
+    if "bypass" in bs.grids and "induce" in bs.grids:
+        figs["heatmap_bypass"] = score_heatmap(bs, "bypass", selection=baseline)
+        figs["heatmap_induce"] = score_heatmap(bs, "induce", selection=baseline)
         if cosmic is not None:
-            figs["comparison"] = comparison_figure(scores, cosmic, baseline)
+            figs["comparison"] = comparison_figure(scores, cosmic, baseline, baseline_scores)
     return figs

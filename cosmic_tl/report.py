@@ -11,7 +11,7 @@ from plotly.offline import get_plotlyjs
 
 from cosmic_tl.config import Config
 from cosmic_tl.evaluation import Rate
-from cosmic_tl.rundir import RunDir, relative_links
+from cosmic_tl.rundir import RunDir, RunMetrics, relative_links
 from cosmic_tl.scoring import Scores
 from cosmic_tl.selection import Selection
 from cosmic_tl.store import atomic_write_bytes, read_json
@@ -27,10 +27,9 @@ def _esc(x: Any) -> str:
     return html.escape(str(x))
 
 
-def _rate(d: dict[str, Any] | None) -> str:
-    if not d:
+def _rate(r: Rate | None) -> str:
+    if r is None:
         return "–"
-    r = Rate.from_dict(d)
     return f"{r.rate:.0%} [{r.low:.0%}, {r.high:.0%}] ({r.k}/{r.n})"
 
 
@@ -38,21 +37,20 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "<table>" + "".join(f"<tr><th>{_esc(a)}</th><td>{b}</td></tr>" for a, b in rows) + "</table>"
 
 
-def _load(dir_: RunDir, name: str, kind: Any) -> Any:
-    return kind.load(dir_.path(name)) if dir_.path(f"{name}.json").exists() else None
+def _load(path: Path, kind: Any) -> Any:
+    return kind.load(path) if path.with_suffix(".json").exists() else None
 
 
 def render(dir_: RunDir, cfg: Config) -> str:
     """The report's HTML text for a run directory."""
     from cosmic_tl.plots import refusal_bars, summary_figures
 
-    scores: Scores | None = _load(dir_, "scores", Scores)
-    cosmic: Selection | None = _load(dir_, "selection_cosmic", Selection)
-    base: Selection | None = _load(dir_, "selection_refusal_tokens", Selection)
-    metrics = dict(read_json(dir_.path("metrics.json"))) if dir_.path("metrics.json").exists() else {}
-    comparison = (
-        dict(read_json(dir_.path("comparison.json"))) if dir_.path("comparison.json").exists() else {}
-    )
+    scores: Scores | None = _load(dir_.scores_for("cosmic", cfg), Scores)
+    base_scores: Scores | None = _load(dir_.scores_for("refusal_tokens", cfg), Scores)
+    cosmic: Selection | None = _load(dir_.selection("cosmic"), Selection)
+    base: Selection | None = _load(dir_.selection("refusal_tokens"), Selection)
+    metrics = RunMetrics.load(dir_.metrics) if dir_.metrics.exists() else None
+    comparison = dict(read_json(dir_.comparison)) if dir_.comparison.exists() else {}
     parts = [f"<h1>cosmic_tl run: {_esc(cfg.model)}</h1>"]
     summary = [
         ("model", _esc(cfg.model)),
@@ -76,36 +74,34 @@ def render(dir_: RunDir, cfg: Config) -> str:
             )
     summary.append(("stage timings (s)", _esc(json.dumps(dir_.timings()))))
     parts.append("<h2>Summary</h2>" + _table(summary))
-    if metrics:
-        rows = [("judge phrases", _esc(", ".join(metrics.get("judge_phrases", []))))]
-        rows += [
-            (k, _rate(metrics.get(k))) for k in ("harmful, no intervention", "harmless, no intervention")
+    if metrics is not None:
+        rows = [
+            ("judge phrases", _esc(", ".join(metrics.judge_phrases))),
+            ("harmful, no intervention", _rate(metrics.harmful_clean)),
+            ("harmless, no intervention", _rate(metrics.harmless_clean)),
         ]
-        for method in ("cosmic", "refusal_tokens"):
-            m = metrics.get(method)
-            if not m:
-                continue
-            if not m.get("found"):
+        for method, m in metrics.methods.items():
+            if not m.found:
                 rows.append((f"{method}", "no direction to evaluate"))
                 continue
             rows += [
-                (f"{method}: refusal on harmful, direction ablated", _rate(m.get("harmful, ablated"))),
-                (f"{method}: attack success rate", _rate(m.get("attack success rate"))),
-                (f"{method}: refusal on harmless, direction added", _rate(m.get("harmless, added"))),
-                (f"{method}: KL on harmless", _esc(m.get("KL"))),
+                (f"{method}: refusal on harmful, direction ablated", _rate(m.harmful_ablated)),
+                (f"{method}: attack success rate", _rate(m.attack_success)),
+                (f"{method}: refusal on harmless, direction added", _rate(m.harmless_added)),
+                (f"{method}: KL on harmless", _esc(m.kl)),
             ]
         parts.append("<h2>Evaluation (refusal rates, Wilson 95% intervals)</h2>" + _table(rows))
-    figures = summary_figures(scores, cosmic, base) if scores is not None else {}
-    if metrics:
+    figures = summary_figures(scores, cosmic, base, base_scores) if scores is not None else {}
+    if metrics is not None:
         bars = {
-            k: Rate.from_dict(metrics[k])
-            for k in ("harmful, no intervention", "harmless, no intervention")
-            if k in metrics
+            "harmful, no intervention": metrics.harmful_clean,
+            "harmless, no intervention": metrics.harmless_clean,
         }
-        m = metrics.get("cosmic") or {}
-        if m.get("found"):
-            bars["harmful, COSMIC ablated"] = Rate.from_dict(m["harmful, ablated"])
-            bars["harmless, COSMIC added"] = Rate.from_dict(m["harmless, added"])
+        picked = metrics.methods.get("cosmic")
+        if picked is not None and picked.found:
+            assert picked.harmful_ablated is not None and picked.harmless_added is not None
+            bars["harmful, COSMIC ablated"] = picked.harmful_ablated
+            bars["harmless, COSMIC added"] = picked.harmless_added
         figures["refusal_rates"] = refusal_bars(bars, title="Refusal rates")
     parts.append("<h2>Figures</h2>")
     for name, fig in figures.items():
@@ -122,4 +118,4 @@ def render(dir_: RunDir, cfg: Config) -> str:
 
 def write_report(dir_: RunDir, cfg: Config) -> Path:
     """Render and atomically write ``report.html``."""
-    return atomic_write_bytes(dir_.path("report.html"), render(dir_, cfg).encode())
+    return atomic_write_bytes(dir_.report, render(dir_, cfg).encode())

@@ -1,25 +1,40 @@
-"""A resumable run directory: every stage's outputs, and the inputs they were made from.
+"""A resumable run directory: every artifact's name, the stages' bookkeeping, a lock,
+and the typed metrics record.
 
 Each stage has a *key*: a hash of the settings it depends on, the model identity, the
 prompt hashes and the keys of the stages before it. ``stages.json`` records the key of
 every finished stage; a stage whose key matches and whose files exist is reused, any
 other is recomputed (and with it everything downstream, since keys chain). Every file
 is written atomically, so an interrupted run loses at most the stage in progress.
+
+Only one process may work on a run directory at a time: :meth:`RunDir.lock` takes
+``.lock`` (holding the process id) and refuses a directory that a live process holds;
+a lock whose process is gone is taken over with a warning.
+
+Every file name lives here (:class:`RunDir`'s properties), so the pipeline that writes
+an artifact and the report that reads it cannot disagree.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import socket
+import sys
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cosmic_tl.config import Config
-from cosmic_tl.store import read_json, write_json
+from cosmic_tl.evaluation import Rate
+from cosmic_tl.store import read_json, record_paths, write_json
+
+log = logging.getLogger("cosmic_tl")
 
 # The settings each stage reads (beside its upstream stages' keys).
 STAGE_FIELDS: dict[str, tuple[str, ...]] = {
@@ -37,15 +52,33 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "select": ("selection",),
     "evaluate": ("n_test", "max_new_tokens"),
 }
-STAGES = ("candidates", "scores", "select", "evaluate", "report")
+METHODS = ("cosmic", "refusal_tokens")  # the selection methods a run directory can hold
+LOCK = ".lock"
 
 
 class RunDirError(RuntimeError):
-    """The run directory cannot be used for this run (other model, not writable, ...)."""
+    """The run directory cannot be used for this run (other model, not writable, in use, ...)."""
+
+
+class RunDirBusy(RunDirError):
+    """Another live process holds the run directory's lock."""
 
 
 def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+_HELD: set[Path] = set()  # lock files this process holds
 
 
 @dataclass(frozen=True)
@@ -54,7 +87,7 @@ class RunDir:
 
     root: Path
 
-    # ---------------------------------------------------------------- paths
+    # ---------------------------------------------------------------- artifact names
     @property
     def config(self) -> Path:
         return self.root / "config.json"
@@ -63,19 +96,72 @@ class RunDir:
     def stages(self) -> Path:
         return self.root / "stages.json"
 
-    def path(self, name: str) -> Path:
-        return self.root / name
+    @property
+    def candidates(self) -> Path:
+        """The candidates record (``.safetensors`` + ``.json``)."""
+        return self.root / "candidates"
+
+    def scores(self, *, filtered: bool = False) -> Path:
+        """The scores record; ``filtered``: the baseline's, on the filtered prompts."""
+        return self.root / ("scores_baseline" if filtered else "scores")
+
+    def scores_for(self, method: str, cfg: Config) -> Path:
+        """The scores record that ``method``'s selection is made from in a run of ``cfg``."""
+        filtered = method == "refusal_tokens" and cfg.filter_prompts and cfg.baseline
+        return self.scores(filtered=filtered)
+
+    def selection(self, method: str) -> Path:
+        """``method``'s selection record."""
+        if method not in METHODS:
+            raise ValueError(f"unknown selection method {method!r}; known: {METHODS}")
+        return self.root / f"selection_{method}"
+
+    @property
+    def comparison(self) -> Path:
+        return self.root / "comparison.json"
+
+    @property
+    def direction(self) -> Path:
+        """The picked direction's record (COSMIC's pick), for export and reuse."""
+        return self.root / "direction"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    def completions(self, name: str) -> Path:
+        return self.root / "completions" / f"{name}.jsonl"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / LOCK
+
+    def outputs(self, stage: str, cfg: Config) -> list[Path]:
+        """The files a finished ``stage`` of a run of ``cfg`` has written."""
+        records: list[Path] = []
+        if stage == "candidates":
+            records = [self.candidates]
+        elif stage == "scores":
+            records = [self.scores()]
+            if cfg.filter_prompts and cfg.baseline:
+                records.append(self.scores(filtered=True))
+        elif stage == "select":
+            records = [self.selection("cosmic")]
+            if cfg.baseline:
+                records.append(self.selection("refusal_tokens"))
+            return [p for r in records for p in record_paths(r)] + [self.comparison]
+        elif stage == "evaluate":
+            return [self.metrics]
+        return [p for r in records for p in record_paths(r)]
 
     # ---------------------------------------------------------------- setup
     def open(self, config: Config, *, force: bool = False) -> None:
         """Create the directory or check it belongs to this model; write config.json."""
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as err:
-            raise RunDirError(f"cannot write to the run directory {self.root}: {err}") from err
+        self._ensure_writable()
         if self.config.exists() and not force:
             old = read_json(self.config)
             if old.get("model") != config.model:
@@ -84,6 +170,80 @@ class RunDir:
                     "use another --out directory (or --force to overwrite it)"
                 )
         write_json(self.config, config.to_dict())
+
+    def _ensure_writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise RunDirError(f"cannot write to the run directory {self.root}: {err}") from err
+
+    # ---------------------------------------------------------------- lock
+    def acquire(self) -> None:
+        """Take the directory's lock, or raise :class:`RunDirBusy` naming the holder."""
+        self._ensure_writable()
+        path = self.lock_file
+        me = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(sys.argv),
+        }
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                pid = holder.get("pid")
+                mine = pid == os.getpid() and path.resolve() in _HELD
+                same_host = holder.get("host") in (None, me["host"])
+                if isinstance(pid, int) and (
+                    mine or (pid != os.getpid() and _alive(pid)) or not same_host
+                ):
+                    where = "" if same_host else f" on host {holder.get('host')}"
+                    raise RunDirBusy(
+                        f"{self.root} is in use by process {pid}{where} (since {holder.get('started')}: "
+                        f"{holder.get('command') or '?'}); wait for it to finish or use another "
+                        f"--out directory. If that process is gone, delete {path}"
+                    ) from None
+                log.warning(
+                    "taking over the lock of %s: process %s that held it is no longer running",
+                    self.root,
+                    pid,
+                )
+                path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            _HELD.add(path.resolve())
+            return
+        raise RunDirBusy(f"could not take the lock {path}: another process keeps taking it")
+
+    def release(self) -> None:
+        """Give the lock back (only if this process holds it)."""
+        path = self.lock_file
+        if path.resolve() in _HELD:
+            _HELD.discard(path.resolve())
+            if self._holder().get("pid") == os.getpid():
+                path.unlink(missing_ok=True)
+
+    @contextmanager
+    def lock(self) -> Iterator[RunDir]:
+        """Hold the directory's lock inside the block."""
+        self.acquire()
+        try:
+            yield self
+        finally:
+            self.release()
+
+    def _holder(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.lock_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
     # ---------------------------------------------------------------- stages
     def stage_key(self, stage: str, config: Config, upstream: Iterable[str], extra: Any = None) -> str:
@@ -99,10 +259,10 @@ class RunDir:
         except ValueError:
             return {}
 
-    def done(self, stage: str, key: str, outputs: Iterable[str]) -> bool:
+    def done(self, stage: str, key: str, outputs: Iterable[Path]) -> bool:
         """Whether ``stage`` finished with this key and its output files all exist."""
         rec = self._records().get(stage)
-        return bool(rec and rec.get("key") == key and all(self.path(o).exists() for o in outputs))
+        return bool(rec and rec.get("key") == key and all(p.exists() for p in outputs))
 
     def finish(self, stage: str, key: str, seconds: float, info: dict[str, Any] | None = None) -> None:
         records = self._records()
@@ -127,7 +287,86 @@ def relative_links(root: Path) -> list[str]:
     )
 
 
-def ensure_dir(path: str | os.PathLike[str]) -> Path:
-    p = Path(path)
-    p.mkdir(parents=True, exist_ok=True)
-    return p
+# ---------------------------------------------------------------- metrics record
+
+# metrics.json keys (kept as first published, so that older run directories still read).
+_CLEAN = {"harmful": "harmful, no intervention", "harmless": "harmless, no intervention"}
+
+
+def _rate(d: dict[str, Any] | None) -> Rate | None:
+    return Rate.from_dict(d) if d else None
+
+
+@dataclass(frozen=True)
+class MethodMetrics:
+    """What evaluation measured for one method's pick (or that it had none)."""
+
+    found: bool
+    message: str = ""
+    pick: tuple[int, int] | None = None
+    harmful_ablated: Rate | None = None  # refusal rate on harmful prompts, direction ablated
+    attack_success: Rate | None = None  # 1 - the above (judged items)
+    harmless_added: Rate | None = None  # refusal rate on harmless prompts, direction added
+    kl: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        if not self.found:
+            return {"found": False, "message": self.message}
+        assert self.harmful_ablated and self.attack_success and self.harmless_added
+        return {
+            "found": True,
+            "pick": list(self.pick) if self.pick else None,
+            "harmful, ablated": self.harmful_ablated.to_dict(),
+            "attack success rate": self.attack_success.to_dict(),
+            "harmless, added": self.harmless_added.to_dict(),
+            "KL": self.kl,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MethodMetrics:
+        if not d.get("found"):
+            return cls(False, str(d.get("message", "")))
+        pick = d.get("pick")
+        return cls(
+            True,
+            pick=(int(pick[0]), int(pick[1])) if pick else None,
+            harmful_ablated=_rate(d.get("harmful, ablated")),
+            attack_success=_rate(d.get("attack success rate")),
+            harmless_added=_rate(d.get("harmless, added")),
+            kl=d.get("KL"),
+        )
+
+
+@dataclass(frozen=True)
+class RunMetrics:
+    """``metrics.json``: refusal rates without intervention and under each method's pick."""
+
+    judge_phrases: tuple[str, ...]
+    harmful_clean: Rate
+    harmless_clean: Rate
+    methods: dict[str, MethodMetrics] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "judge_phrases": list(self.judge_phrases),
+            _CLEAN["harmful"]: self.harmful_clean.to_dict(),
+            _CLEAN["harmless"]: self.harmless_clean.to_dict(),
+        }
+        out |= {name: m.to_dict() for name, m in self.methods.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunMetrics:
+        return cls(
+            tuple(d.get("judge_phrases", ())),
+            Rate.from_dict(d[_CLEAN["harmful"]]),
+            Rate.from_dict(d[_CLEAN["harmless"]]),
+            {m: MethodMetrics.from_dict(d[m]) for m in METHODS if m in d},
+        )
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> RunMetrics:
+        return cls.from_dict(dict(read_json(path)))

@@ -18,7 +18,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from cosmic_tl.store import read_json, read_tensors, write_json, write_tensors
+from cosmic_tl.config import Mode
+from cosmic_tl.store import load_record, save_record
 
 KL_EPS = 1e-6
 REFUSAL_EPS = 1e-8
@@ -26,11 +27,9 @@ REFUSAL_EPS = 1e-8
 # Reference defaults per model family (COSMIC code / Arditi et al.); "I" otherwise.
 FAMILY_REFUSAL_TOKENS: dict[str, tuple[str, ...]] = {
     "llama-3": ("I",),
-    "llama3": ("I",),
     "gemma": ("I",),
     "qwen": ("I", "As"),
     "llama-2": ("I",),
-    "llama2": ("I",),
 }
 
 
@@ -156,7 +155,7 @@ class Scores:
     layer_cosines: Float[Tensor, " layer"]
     b_harmful: Float[Tensor, " d_model"]
     b_harmless: Float[Tensor, " d_model"]
-    mode: str
+    mode: Mode
     alpha: float
     model_id: str
     refusal_tokens: tuple[str, ...] = ()
@@ -169,7 +168,6 @@ class Scores:
         return int(self.layer_cosines.shape[0])
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        base = Path(path).with_suffix("")
         tensors = {f"grid.{k}": v for k, v in self.grids.items()}
         tensors |= {f"computed.{k}": v.to(torch.uint8) for k, v in self.computed.items()}
         tensors |= {
@@ -177,11 +175,11 @@ class Scores:
             "b_harmful": self.b_harmful,
             "b_harmless": self.b_harmless,
         }
-        write_tensors(base.with_suffix(".safetensors"), tensors)
-        return write_json(
-            base.with_suffix(".json"),
+        return save_record(
+            path,
+            KIND,
+            tensors,
             {
-                "kind": "cosmic_tl.Scores",
                 "positions": list(self.positions),
                 "position_labels": list(self.position_labels),
                 "eval_layers": list(self.eval_layers),
@@ -198,11 +196,7 @@ class Scores:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Scores:
-        base = Path(path).with_suffix("")
-        meta = read_json(base.with_suffix(".json"))
-        if meta.get("kind") != "cosmic_tl.Scores":
-            raise ValueError(f"{base}.json is not a cosmic_tl score file")
-        t = read_tensors(base.with_suffix(".safetensors"))
+        t, meta = load_record(path, KIND)
         return cls(
             grids={k: t[f"grid.{k}"] for k in meta["grids"]},
             computed={k: t[f"computed.{k}"].bool() for k in meta["grids"]},
@@ -220,3 +214,6 @@ class Scores:
             clean=dict(meta["clean"]),
             stats=dict(meta.get("stats", {})),
         )
+
+
+KIND = "cosmic_tl.Scores"

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,9 +19,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from cosmic_tl.config import SelectionSettings
+from cosmic_tl.config import Mode, SelectionSettings
+from cosmic_tl.interventions import Intervention, Kind
 from cosmic_tl.scoring import Scores, cosine
-from cosmic_tl.store import read_json, read_tensors, write_json, write_tensors
+from cosmic_tl.store import load_record, save_record
 
 Method = Literal["cosmic", "refusal_tokens"]
 KEPT = ""
@@ -49,12 +50,11 @@ class Selection:
     reasons: tuple[tuple[str, ...], ...]  # [pos][layer]: "" if kept, else the filter
     counts: dict[str, int]
     positions: tuple[int, ...]
-    mode: str
+    mode: Mode
     model_id: str
     direction: Float[Tensor, " d_model"] | None = None
     reference: Float[Tensor, " d_model"] | None = None
     message: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def found(self) -> bool:
@@ -66,16 +66,25 @@ class Selection:
             return None
         return (self.position, self.layer)
 
+    def intervention(self, kind: Kind, *, alpha: float = 1.0, mode: Mode | None = None) -> Intervention:
+        """The pick as an intervention (``kind`` ``"ablate"`` or ``"add"``) in the selection's
+        mode, or in ``mode``.
+
+        >>> with intervene(model, cosmic.intervention("ablate")):  # doctest: +SKIP
+        ...     completions = generate(model, harmful)
+        """
+        if self.direction is None or self.layer is None:
+            raise ValueError(f"{self.method} has no picked direction: {self.message}")
+        ref = self.reference.float() if self.reference is not None else None
+        return Intervention(kind, mode or self.mode, self.direction.float(), self.layer, ref, alpha)
+
     def save(self, path: str | os.PathLike[str]) -> Path:
-        base = Path(path).with_suffix("")
         tensors = {"ranking": self.ranking}
         if self.direction is not None:
             tensors["direction"] = self.direction
         if self.reference is not None:
             tensors["reference"] = self.reference
-        write_tensors(base.with_suffix(".safetensors"), tensors)
         meta = {
-            "kind": "cosmic_tl.Selection",
             "method": self.method,
             "position": self.position,
             "layer": self.layer,
@@ -86,17 +95,12 @@ class Selection:
             "mode": self.mode,
             "model_id": self.model_id,
             "message": self.message,
-            "extra": self.extra,
         }
-        return write_json(base.with_suffix(".json"), meta)
+        return save_record(path, KIND, tensors, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Selection:
-        base = Path(path).with_suffix("")
-        meta = read_json(base.with_suffix(".json"))
-        if meta.get("kind") != "cosmic_tl.Selection":
-            raise ValueError(f"{base}.json is not a cosmic_tl selection")
-        t = read_tensors(base.with_suffix(".safetensors"))
+        t, meta = load_record(path, KIND)
         return cls(
             meta["method"],
             meta["position"],
@@ -111,8 +115,10 @@ class Selection:
             t.get("direction"),
             t.get("reference"),
             meta["message"],
-            dict(meta.get("extra", {})),
         )
+
+
+KIND = "cosmic_tl.Selection"
 
 
 class NoCandidateError(RuntimeError):
@@ -197,25 +203,49 @@ def ranked(
     return sorted(cells, key=lambda c: (sign * float(ranking[c]), c))
 
 
-def _apply_kl(
-    scores: Scores, order: list[tuple[int, int]], reasons: list[list[str]], threshold: float
-) -> tuple[int, int] | None:
-    """Walk the ranking; discard by KL until the first survivor (the pick)."""
-    kl, done = scores.grids["KL"], scores.computed["KL"]
-    for i, j in order:
-        if not bool(done[i, j]):
-            raise ValueError(
-                f"KL was not computed for candidate (pos {scores.positions[i]}, layer {j}), "
-                "which could be the pick; score with full grids or let the engine choose"
-            )
-        value = float(kl[i, j])
+Cell = tuple[int, int]  # (pos index, layer)
+
+
+def walk_ranking(
+    order: Iterable[Cell], kl: Callable[[Cell], float], threshold: float
+) -> tuple[Cell | None, dict[Cell, str]]:
+    """Walk a ranking from its best cell; discard by KL until the first that passes.
+
+    ``kl(cell)`` gives a cell's KL (the selection reads it from the grid, the engine's
+    planner computes it on demand). Returns the pick (or None) and the discarded
+    cells with their reason (``"nan"`` or ``"kl"``). This one walk decides both which
+    KL cells the engine computes and which cell a selection picks.
+    """
+    discarded: dict[Cell, str] = {}
+    for cell in order:
+        value = kl(cell)
         if math.isnan(value):
-            reasons[i][j] = "nan"
+            discarded[cell] = "nan"
         elif value > threshold:
-            reasons[i][j] = "kl"
+            discarded[cell] = "kl"
         else:
-            return (i, j)
-    return None
+            return cell, discarded
+    return None, discarded
+
+
+def _apply_kl(
+    scores: Scores, order: list[Cell], reasons: list[list[str]], threshold: float
+) -> Cell | None:
+    """The selection's KL walk over computed grids; records the reasons in ``reasons``."""
+    kl, done = scores.grids["KL"], scores.computed["KL"]
+
+    def computed(cell: Cell) -> float:
+        if not bool(done[cell]):
+            raise ValueError(
+                f"KL was not computed for candidate (pos {scores.positions[cell[0]]}, layer "
+                f"{cell[1]}), which could be the pick; score with full grids or let the engine choose"
+            )
+        return float(kl[cell])
+
+    pick, discarded = walk_ranking(order, computed, threshold)
+    for (i, j), reason in discarded.items():
+        reasons[i][j] = reason
+    return pick
 
 
 def _finish(

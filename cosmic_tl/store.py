@@ -67,3 +67,50 @@ def read_tensors(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"no such tensor file: {path}")
     return dict(load_file(str(path), device="cpu"))
+
+
+class RecordError(ValueError):
+    """A record's files are missing, of another kind, or do not belong together."""
+
+
+def record_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """``(<path>.safetensors, <path>.json)`` for a record named by ``path`` (any suffix dropped)."""
+    base = Path(path).with_suffix("")
+    return base.with_suffix(".safetensors"), base.with_suffix(".json")
+
+
+def save_record(
+    path: str | os.PathLike[str], kind: str, tensors: dict[str, Tensor], meta: dict[str, Any]
+) -> Path:
+    """Write a record: ``tensors`` as ``<path>.safetensors``, ``meta`` as ``<path>.json``.
+
+    The JSON names the record's ``kind`` and the shape of every tensor; it is written
+    last, so a record whose JSON exists is complete. Returns the JSON path.
+    """
+    tensor_path, json_path = record_paths(path)
+    write_tensors(tensor_path, tensors)
+    shapes = {k: list(v.shape) for k, v in tensors.items()}
+    return write_json(json_path, {"kind": kind, "tensors": shapes, **meta})
+
+
+def load_record(path: str | os.PathLike[str], kind: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Read a record written by :func:`save_record`; ``(tensors, meta)``.
+
+    Raises :class:`RecordError` if the JSON is of another kind or the tensor file does
+    not hold the tensors (and shapes) the JSON lists.
+    """
+    tensor_path, json_path = record_paths(path)
+    if not json_path.is_file():
+        raise RecordError(f"no such record: {json_path} is missing")
+    meta = read_json(json_path)
+    if not isinstance(meta, dict) or meta.get("kind") != kind:
+        raise RecordError(f"{json_path} does not describe a {kind} (kind {meta.get('kind')!r})")
+    tensors = read_tensors(tensor_path)
+    shapes = {k: list(v.shape) for k, v in tensors.items()}
+    listed = meta.get("tensors")
+    if listed is not None and listed != shapes:
+        raise RecordError(
+            f"{tensor_path} holds {shapes}, {json_path.name} lists {listed}: the files do not "
+            "belong together"
+        )
+    return tensors, meta

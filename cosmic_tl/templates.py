@@ -124,20 +124,9 @@ def encode(
 
     Raises ``ValueError`` naming the prompt if one is longer than ``max_len``.
     """
-    if not instructions:
-        raise ValueError("no prompts to tokenize")
-    ids = [
-        list(tokenizer(format_prompt(tokenizer, x, system), add_special_tokens=False)["input_ids"])
-        for x in instructions
+    return [
+        list(row) for row in chat_prompts(tokenizer, instructions, system=system, max_len=max_len).ids
     ]
-    if max_len is not None:
-        for x, row in zip(instructions, ids, strict=True):
-            if len(row) > max_len:
-                raise ValueError(
-                    f"prompt is {len(row)} tokens, longer than the model's context of "
-                    f"{max_len}: {x[:80]!r}"
-                )
-    return ids
 
 
 def left_pad(ids: Sequence[Sequence[int]], pad_id: int, index: Sequence[int]) -> Batch:
@@ -159,6 +148,107 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class Prompts:
+    """Instructions formatted with a chat template and tokenised once.
+
+    It carries the system prompt it was formatted with, so scoring, evaluation, the
+    prompt filter and the organism build all see the same tokens. :meth:`batches` is
+    the one length-sorted batching every forward pass uses.
+
+    >>> p = chat_prompts(model.tokenizer, ["Hi", "Name a prime."])  # doctest: +SKIP
+    >>> [b.tokens.shape for b in p.batches(32)]                    # doctest: +SKIP
+    """
+
+    instructions: tuple[str, ...]
+    ids: tuple[tuple[int, ...], ...]
+    system: str | None
+    pad_id: int
+
+    def __post_init__(self) -> None:
+        if len(self.instructions) != len(self.ids):
+            raise ValueError("one token row per instruction")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(r) for r in self.ids]
+
+    def batches(self, batch_size: int, *, by_length: bool = True) -> list[Batch]:
+        """Left-padded batches of at most ``batch_size`` prompts.
+
+        With ``by_length`` the prompts are sorted by token count first, so each batch
+        needs little padding; ``Batch.index`` maps rows back to the prompts' order.
+        Means over prompts do not depend on the order.
+        """
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        n = len(self.ids)
+        order = sorted(range(n), key=lambda i: len(self.ids[i])) if by_length else list(range(n))
+        return [
+            left_pad([self.ids[i] for i in chunk], self.pad_id, chunk)
+            for chunk in (order[s : s + batch_size] for s in range(0, n, batch_size))
+        ]
+
+    def subset(self, keep: Sequence[int]) -> Prompts:
+        """The prompts at indices ``keep`` (in that order), with the same system prompt."""
+        return Prompts(
+            tuple(self.instructions[i] for i in keep),
+            tuple(self.ids[i] for i in keep),
+            self.system,
+            self.pad_id,
+        )
+
+
+def chat_prompts(
+    tokenizer: Any,
+    instructions: Sequence[str],
+    *,
+    system: str | None = None,
+    max_len: int | None = None,
+) -> Prompts:
+    """Format ``instructions`` with the chat template (and ``system``) and tokenise them.
+
+    Raises ``ValueError`` for an empty list, or naming the prompt if one is longer
+    than ``max_len`` tokens.
+    """
+    if not instructions:
+        raise ValueError("no prompts to tokenize")
+    ids = tuple(
+        tuple(tokenizer(format_prompt(tokenizer, x, system), add_special_tokens=False)["input_ids"])
+        for x in instructions
+    )
+    if max_len is not None:
+        for i, (x, row) in enumerate(zip(instructions, ids, strict=True)):
+            if len(row) > max_len:
+                raise ValueError(
+                    f"prompt {i} is {len(row)} tokens, longer than the model's context of "
+                    f"{max_len}: {x[:80]!r}"
+                )
+    return Prompts(tuple(instructions), ids, system, pad_id(tokenizer))
+
+
+def context_length(model: Any) -> int | None:
+    """The model's context length in tokens, if it has one."""
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    return int(n_ctx) if n_ctx else None
+
+
+def prompts_for(model: Any, prompts: Sequence[str] | Prompts) -> Prompts:
+    """``prompts`` as :class:`Prompts` for ``model`` (plain strings get the template's
+    default system prompt), checked against the model's context length."""
+    n_ctx = context_length(model)
+    if isinstance(prompts, Prompts):
+        if n_ctx and max(prompts.lengths) > n_ctx:
+            raise ValueError(
+                f"a prompt is {max(prompts.lengths)} tokens, longer than the model's context of {n_ctx}"
+            )
+        return prompts
+    return chat_prompts(model.tokenizer, prompts, max_len=n_ctx)
+
+
 def batches(
     tokenizer: Any,
     instructions: Sequence[str],
@@ -168,21 +258,11 @@ def batches(
     max_len: int | None = None,
     by_length: bool = True,
 ) -> list[Batch]:
-    """Split prompts into left-padded batches.
-
-    With ``by_length`` the prompts are sorted by token count first, so each batch
-    needs little padding; ``Batch.index`` maps rows back to the caller's order.
-    Means over prompts do not depend on the order.
-    """
+    """Shorthand for ``chat_prompts(...).batches(batch_size)``."""
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    ids = encode(tokenizer, instructions, system=system, max_len=max_len)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i])) if by_length else list(range(len(ids)))
-    pad = pad_id(tokenizer)
-    return [
-        left_pad([ids[i] for i in chunk], pad, chunk)
-        for chunk in (order[s : s + batch_size] for s in range(0, len(order), batch_size))
-    ]
+    prompts = chat_prompts(tokenizer, instructions, system=system, max_len=max_len)
+    return prompts.batches(batch_size, by_length=by_length)
 
 
 def shared_prefix_length(batches: Sequence[Batch]) -> int:

@@ -69,7 +69,7 @@ def test_load_rejects_other_model_and_bad_files(tiny, smollm2, tmp_path):
     with pytest.raises(IncompatibleError, match="layers"):
         Candidates.load(tmp_path / "c", smollm2)
     meta = json.loads((tmp_path / "c.json").read_text())
-    meta["shape"][2] += 1
+    meta["tensors"]["directions"][2] += 1
     (tmp_path / "c.json").write_text(json.dumps(meta))
     with pytest.raises(IncompatibleError, match="do not belong together"):
         Candidates.load(tmp_path / "c")
