@@ -13,12 +13,12 @@ from jaxtyping import install_import_hook
 with install_import_hook("cosmic_tl", "beartype.beartype"):
     import cosmic_tl.activations  # noqa: F401
     import cosmic_tl.candidates  # noqa: F401
+    import cosmic_tl.engine  # noqa: F401
     import cosmic_tl.interventions  # noqa: F401
     import cosmic_tl.plots  # noqa: F401
     import cosmic_tl.scoring  # noqa: F401
     import cosmic_tl.selection  # noqa: F401
     import cosmic_tl.sweep  # noqa: F401
-    import cosmic_tl.engine  # noqa: F401
     import cosmic_tl.templates  # noqa: F401
 
 from cosmic_tl.models import alias_dir, ensure_alias, load_model
