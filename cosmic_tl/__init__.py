@@ -1,6 +1,6 @@
 """cosmic_tl: find the refusal direction in a chat model's activations (COSMIC) on TransformerLens.
 
-A minimal session::
+A minimal example::
 
     import cosmic_tl as ct
 
