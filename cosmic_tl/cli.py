@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from cosmic_tl.config import PRESETS, Config, SelectionSettings, preset
+from cosmic_tl.config import PRESETS, Config, SelectionSettings, check_device, preset
 
 STAGE_COMMANDS = {
     "candidates": "candidates",
@@ -169,6 +169,7 @@ def _dispatch(ns: argparse.Namespace, say: Any) -> int:
 
         run = RunDir(ns.out)
         cfg = Config.from_dict(read_json(run.config))
+        check_device(cfg.device)
         direction, _, meta = load_direction(run.direction)
         model = models.load_model(cfg.model, device=cfg.device, dtype=torch_dtype(cfg.dtype))
         say(f"orthogonalising layer-{meta.get('layer')} direction out of {cfg.model} ...")

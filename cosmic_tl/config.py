@@ -7,10 +7,40 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Mode = Literal["ace", "lce"]
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+class ConfigError(ValueError):
+    """A setting outside its meaning; the message names the option."""
+
+
+def _option(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _check(ok: bool, name: str, value: Any, meaning: str) -> None:
+    if not ok:
+        raise ConfigError(f"{_option(name)} must be {meaning}, not {value!r}")
+
+
+def _finite(name: str, value: Any) -> None:
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    _check(is_number and math.isfinite(value), name, value, "a finite number")
+
+
+def _fraction(name: str, value: Any) -> None:
+    _finite(name, value)
+    _check(0.0 < value <= 1.0, name, value, "a fraction in (0, 1]")
+
+
+def _at_least_one(name: str, value: Any) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    _check(ok, name, value, "a whole number of at least 1")
 
 
 @dataclass(frozen=True)
@@ -33,6 +63,13 @@ class SelectionSettings:
     induce_threshold: float = field(
         default=0.0, metadata={"help": "baseline: discard candidates with induce score below this"}
     )
+
+    def __post_init__(self) -> None:
+        _fraction("eval_layer_fraction", self.eval_layer_fraction)
+        _fraction("max_layer_fraction", self.max_layer_fraction)
+        _finite("kl_threshold", self.kl_threshold)
+        _check(self.kl_threshold >= 0, "kl_threshold", self.kl_threshold, "at least 0 (a KL divergence)")
+        _finite("induce_threshold", self.induce_threshold)
 
 
 @dataclass(frozen=True)
@@ -82,6 +119,22 @@ class Config:
     dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ...; unset = auto"})
     selection: SelectionSettings = field(default_factory=SelectionSettings)
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("ace", "lce"), "mode", self.mode, "'ace' or 'lce'")
+        _finite("alpha", self.alpha)
+        for name in ("n_train", "n_val", "n_test", "batch_size", "max_new_tokens"):
+            _at_least_one(name, getattr(self, name))
+        _check(isinstance(self.seed, int), "seed", self.seed, "a whole number")
+        _check(self.dtype in DTYPES, "dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+        if self.refusal_tokens is not None:
+            ok = len(self.refusal_tokens) > 0 and all(
+                isinstance(t, str) and t for t in self.refusal_tokens
+            )
+            _check(ok, "refusal_tokens", self.refusal_tokens, "one or more non-empty strings")
+            if "auto" in self.refusal_tokens and len(self.refusal_tokens) > 1:
+                raise ConfigError("--refusal-tokens auto cannot be combined with other tokens")
+        _check(bool(self.model), "model", self.model, "a model alias, directory or hub name")
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed (selection fields may be given flat)."""
@@ -136,3 +189,44 @@ def torch_dtype(name: str) -> Any:
     if name not in table:
         raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(table)}")
     return table[name]
+
+
+def check_device(device: str | None) -> None:
+    """Raise :class:`ConfigError` if ``device`` (``--device``) is not usable here.
+
+    ``None`` (auto) is always fine. Checked before a run starts, so that a missing GPU
+    is one clear line instead of a traceback later.
+    """
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ConfigError(f"--device {device!r} is not a device torch knows: {err}") from None
+    if dev.type == "cpu":
+        return
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
+                f"built {'with' if torch.version.cuda else 'without'} CUDA; no GPU visible). "
+                "Use --device cpu or leave --device unset"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
+        return
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(
+                f"--device {device}: Apple MPS is not available here (it needs macOS on Apple "
+                "silicon). Use --device cpu or leave --device unset"
+            )
+        return
+    backend = getattr(torch, dev.type, None)
+    available = getattr(backend, "is_available", None)
+    if not callable(available) or not available():
+        raise ConfigError(f"--device {device}: no {dev.type} device is available here")

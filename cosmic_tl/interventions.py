@@ -11,6 +11,7 @@ them with ``model.hooks(...)``, which always removes them on exit::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -102,6 +103,8 @@ class Intervention:
                     f"{name} must be a 1-D floating-point tensor [d_model], got "
                     f"{getattr(t, 'dtype', type(t))} of shape {tuple(getattr(t, 'shape', ()))}"
                 )
+        if not math.isfinite(self.alpha):
+            raise ValueError(f"alpha must be a finite number, not {self.alpha!r}")
         if self.mode == "ace" and self.reference is None:
             raise ValueError("ACE (affine) interventions need the harmless mean as reference")
 

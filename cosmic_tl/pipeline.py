@@ -21,7 +21,7 @@ from types import TracebackType
 from typing import Any
 
 from cosmic_tl.candidates import Candidates, compute_candidates
-from cosmic_tl.config import Config, torch_dtype
+from cosmic_tl.config import Config, check_device, torch_dtype
 from cosmic_tl.engine import clean_logits
 from cosmic_tl.evaluation import (
     DEFAULT_REFUSAL_PHRASES,
@@ -132,6 +132,7 @@ class Pipeline:
         force: bool = False,
         say: Callable[[str], None] | None = None,
     ) -> None:
+        check_device(cfg.device)
         self.cfg, self.progress = cfg, progress
         self.dir = RunDir(Path(out))
         self.say = say or log.info
