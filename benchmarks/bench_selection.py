@@ -118,11 +118,11 @@ def main() -> None:
         )
         t_eng = time.perf_counter() - t0
         eng_flops = eng.stats["gflop"] * 1e9  # includes the clean passes
-        ref_picks, eng_picks = picks(as_scores(ref, eng, mode)), picks(eng)
+        ref_picks, eng_picks = picks(as_scores(ref, eng, mode, cands.directions)), picks(eng)
         diff = max(
             float((eng.grids[g][eng.computed[g]] - ref["grids"][g][eng.computed[g]]).abs().max())
             for g in eng.grids
-            if bool(eng.computed[g].any())
+            if g in ref["grids"] and bool(eng.computed[g].any())
         )
         ok = ref_picks == eng_picks
         ratios.append(t_ref / t_eng)

@@ -15,6 +15,7 @@ A minimal example::
 """
 
 from cosmic_tl.candidates import Candidates, IncompatibleError, compute_candidates
+from cosmic_tl.comparison import Comparison, compare
 from cosmic_tl.config import PRESETS, Config, SelectionSettings, preset
 from cosmic_tl.engine import Runner, clean_logits
 from cosmic_tl.evaluation import (
@@ -49,12 +50,11 @@ from cosmic_tl.prompts import (
 )
 from cosmic_tl.scoring import Scores, default_refusal_tokens, encode_refusal_tokens
 from cosmic_tl.selection import (
-    Comparison,
     NoCandidateError,
     Selection,
-    compare,
     select_cosmic,
     select_refusal_tokens,
+    select_substring,
 )
 from cosmic_tl.sweep import score_candidates, suggest_refusal_tokens, sweep
 from cosmic_tl.templates import (
@@ -115,6 +115,7 @@ __all__ = [
     "score_candidates",
     "select_cosmic",
     "select_refusal_tokens",
+    "select_substring",
     "suggest_refusal_tokens",
     "sweep",
     "unit",

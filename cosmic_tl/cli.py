@@ -90,8 +90,9 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
 def config_from_args(ns: argparse.Namespace) -> Config:
     """The preset with every option the user gave applied on top."""
     changes = {name: getattr(ns, name) for name, *_ in _fields() if getattr(ns, name, None) is not None}
-    if "refusal_tokens" in changes:
-        changes["refusal_tokens"] = tuple(changes["refusal_tokens"])
+    for name in ("refusal_tokens", "baselines"):
+        if name in changes:
+            changes[name] = tuple(changes[name])
     return preset(ns.preset, **changes)
 
 

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 Mode = Literal["ace", "lce"]
 DTYPES = ("float32", "float16", "bfloat16", "float64")
+# The refusal-token baselines a run can put beside COSMIC (cosmic_tl.selection).
+BASELINE_METHODS = ("refusal_tokens", "substring")
 
 
 class ConfigError(ValueError):
@@ -64,8 +66,17 @@ class SelectionSettings:
         default=0.0, metadata={"help": "baseline: discard candidates with induce score below this"}
     )
 
+    substring_layer_fraction: float = field(
+        default=0.6,
+        metadata={
+            "help": "substring baseline: discard position -1 at layers >= int(this·n_layers) "
+            "(the COSMIC paper's prune_layer_percentage 0.4)"
+        },
+    )
+
     def __post_init__(self) -> None:
         _fraction("eval_layer_fraction", self.eval_layer_fraction)
+        _fraction("substring_layer_fraction", self.substring_layer_fraction)
         _fraction("max_layer_fraction", self.max_layer_fraction)
         _finite("kl_threshold", self.kl_threshold)
         _check(self.kl_threshold >= 0, "kl_threshold", self.kl_threshold, "at least 0 (a KL divergence)")
@@ -104,7 +115,14 @@ class Config:
     filter_prompts: bool = field(
         default=False, metadata={"help": "baseline: keep val prompts the model refuses/answers"}
     )
-    baseline: bool = field(default=True, metadata={"help": "also run the refusal-token baseline"})
+    baseline: bool = field(default=True, metadata={"help": "also run refusal-token baselines"})
+    baselines: tuple[str, ...] = field(
+        default=("refusal_tokens",),
+        metadata={
+            "help": "which baselines: refusal_tokens (Arditi et al., linear interventions), "
+            "substring (the COSMIC paper's comparison, the mode's interventions)"
+        },
+    )
     full_grids: bool = field(
         default=False,
         metadata={"help": "score every candidate (slower) instead of only those that can change a pick"},
@@ -134,6 +152,13 @@ class Config:
             _check(ok, "refusal_tokens", self.refusal_tokens, "one or more non-empty strings")
             if "auto" in self.refusal_tokens and len(self.refusal_tokens) > 1:
                 raise ConfigError("--refusal-tokens auto cannot be combined with other tokens")
+        bad = [b for b in self.baselines if b not in BASELINE_METHODS]
+        _check(
+            not bad and len(self.baselines) > 0,
+            "baselines",
+            self.baselines,
+            f"some of {BASELINE_METHODS}",
+        )
         _check(bool(self.model), "model", self.model, "a model alias, directory or hub name")
 
     def replace(self, **changes: Any) -> Config:
@@ -146,14 +171,16 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["refusal_tokens"] = list(self.refusal_tokens) if self.refusal_tokens else None
+        out["baselines"] = list(self.baselines)
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
         data = dict(data)
         sel = SelectionSettings(**data.pop("selection", {}))
-        if data.get("refusal_tokens") is not None:
-            data["refusal_tokens"] = tuple(data["refusal_tokens"])
+        for name in ("refusal_tokens", "baselines"):
+            if data.get(name) is not None:
+                data[name] = tuple(data[name])
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown config fields: {sorted(unknown)}")

@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any
 
 from cosmic_tl.candidates import Candidates, compute_candidates
+from cosmic_tl.comparison import compare
 from cosmic_tl.config import Config, check_device, torch_dtype
 from cosmic_tl.engine import clean_logits
 from cosmic_tl.evaluation import (
@@ -39,7 +40,6 @@ from cosmic_tl.scoring import Scores, encode_refusal_tokens, refusal_score
 from cosmic_tl.selection import (
     NoCandidateError,
     Selection,
-    compare,
     select_cosmic,
     select_refusal_tokens,
 )

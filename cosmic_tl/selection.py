@@ -1,9 +1,17 @@
-"""Filters and ranking of COSMIC and of the refusal-token baseline (pure logic on grids).
+"""The selection methods: filters and ranking on score grids (pure logic, no model).
 
-Both take a :class:`~cosmic_tl.scoring.Scores` and return a :class:`Selection` that
-records the pick and, for every candidate, whether and why it was discarded.
-COSMIC raises :class:`NoCandidateError` when nothing survives (as the reference
-asserts); for the baseline an empty result is a normal outcome and is returned.
+- :func:`select_cosmic` — COSMIC (cosmic-method.md §3): maximum ``S_abl + S_add``.
+- :func:`select_refusal_tokens` — Arditi et al.'s refusal-token baseline (§4a):
+  minimum ``bypass`` under linear interventions, whatever COSMIC's mode is.
+- :func:`select_substring` — the COSMIC paper's own refusal-token comparison (§4b):
+  minimum ``bypass`` under the mode's interventions, with its own filters.
+
+Each takes a :class:`~cosmic_tl.scoring.Scores` and returns a :class:`Selection` that
+records the pick and, for every candidate, whether and why it was discarded. Zero
+(numerically negligible) directions are discarded by every method (§4c), and a pick
+whose scores do not beat no intervention carries a warning. COSMIC raises
+:class:`NoCandidateError` when nothing survives (as the reference asserts); for the
+baselines an empty result is a normal outcome and is returned.
 """
 
 from __future__ import annotations
@@ -16,26 +24,37 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from cosmic_tl.config import Mode, SelectionSettings
 from cosmic_tl.interventions import Intervention, Kind
-from cosmic_tl.scoring import Scores, cosine
+from cosmic_tl.scoring import Scores
 from cosmic_tl.store import load_record, save_record
 
-Method = Literal["cosmic", "refusal_tokens"]
+Method = Literal["cosmic", "refusal_tokens", "substring"]
+METHODS: tuple[Method, ...] = ("cosmic", "refusal_tokens", "substring")
 KEPT = ""
 # In the order they are checked; a candidate is counted under the first that applies.
-COSMIC_FILTERS = ("late_layer", "last_position", "nan", "kl")
-BASELINE_FILTERS = ("late_layer", "nan", "induce", "kl")
+COSMIC_FILTERS = ("late_layer", "last_position", "zero_direction", "nan", "kl")
+BASELINE_FILTERS = ("late_layer", "zero_direction", "nan", "induce", "kl")
+SUBSTRING_FILTERS = ("late_last_position", "zero_direction", "nan", "kl")
 RELAX = {
     "late_layer": "max_layer_fraction",
     "last_position": "last_position_rule",
+    "late_last_position": "substring_layer_fraction",
+    "zero_direction": "(none: a zero direction changes nothing)",
     "nan": "(none: NaN scores come from the model's activations)",
     "kl": "kl_threshold",
     "induce": "induce_threshold",
 }
+# The grids each method ranks by and reads its KL from.
+RANKING = {"cosmic": "S_abl+S_add", "refusal_tokens": "bypass", "substring": "bypass_mode"}
+KL_GRID = {"cosmic": "KL", "refusal_tokens": "KL_linear", "substring": "KL"}
+# A direction is numerically zero if its norm is at most this share of the largest.
+ZERO_NORM = 1e-6
+
+Cell = tuple[int, int]  # (pos index, layer)
 
 
 @dataclass(frozen=True)
@@ -55,6 +74,8 @@ class Selection:
     direction: Float[Tensor, " d_model"] | None = None
     reference: Float[Tensor, " d_model"] | None = None
     message: str = ""
+    # Why the pick may not be worth having (its scores do not beat no intervention).
+    warnings: tuple[str, ...] = ()
 
     @property
     def found(self) -> bool:
@@ -95,6 +116,7 @@ class Selection:
             "mode": self.mode,
             "model_id": self.model_id,
             "message": self.message,
+            "warnings": list(self.warnings),
         }
         return save_record(path, KIND, tensors, meta)
 
@@ -115,6 +137,7 @@ class Selection:
             t.get("direction"),
             t.get("reference"),
             meta["message"],
+            tuple(meta.get("warnings", ())),
         )
 
 
@@ -132,6 +155,11 @@ class NoCandidateError(RuntimeError):
 def max_layer(n_layers: int, settings: SelectionSettings) -> int:
     """Candidates at layers ``>= ⌊max_layer_fraction·n⌋`` are discarded."""
     return math.floor(settings.max_layer_fraction * n_layers)
+
+
+def substring_max_layer(n_layers: int, settings: SelectionSettings) -> int:
+    """The substring method discards position -1 at layers ``>= int(substring_layer_fraction·n)``."""
+    return int(settings.substring_layer_fraction * n_layers)
 
 
 def _nan_argmax(row: Tensor) -> float:
@@ -155,10 +183,25 @@ def last_position_bounds(
     return float(torch.nanmedian(a)), float(torch.nanmedian(s))
 
 
-def _cells(shape: tuple[int, int]) -> Iterator[tuple[int, int]]:
+def _cells(shape: tuple[int, int]) -> Iterator[Cell]:
     for i in range(shape[0]):
         for j in range(shape[1]):
             yield i, j
+
+
+def zero_directions(scores: Scores) -> Bool[Tensor, "pos layer"]:
+    """Candidates whose direction is zero or numerically negligible (cosmic-method.md §4c).
+
+    Read from the ``norm`` grid (every candidate's ‖r‖); all False where it is absent.
+    """
+    norm = scores.grids.get("norm")
+    if norm is None:
+        return torch.zeros(len(scores.positions), scores.n_layers, dtype=torch.bool)
+    return norm <= ZERO_NORM * float(torch.nan_to_num(norm, nan=0.0).max())
+
+
+def _nan(*values: Tensor) -> bool:
+    return any(math.isnan(float(v)) for v in values)
 
 
 def cosmic_prefilter(scores: Scores, settings: SelectionSettings) -> list[list[str]]:
@@ -166,44 +209,95 @@ def cosmic_prefilter(scores: Scores, settings: SelectionSettings) -> list[list[s
     s_abl, s_add = scores.grids["S_abl"], scores.grids["S_add"]
     top = max_layer(scores.n_layers, settings)
     a, s = last_position_bounds(s_abl, s_add, scores.positions)
+    zero = zero_directions(scores)
     reasons = [[KEPT] * scores.n_layers for _ in scores.positions]
-    for i, j in _cells(tuple(s_abl.shape)):  # type: ignore[arg-type]
+    for i, j in _cells((len(scores.positions), scores.n_layers)):
         if j >= top:
             reasons[i][j] = "late_layer"
         elif settings.last_position_rule and scores.positions[i] == -1 and j > a and j > s:
             reasons[i][j] = "last_position"
-        elif math.isnan(float(s_abl[i, j])) or math.isnan(float(s_add[i, j])):
+        elif bool(zero[i, j]):
+            reasons[i][j] = "zero_direction"
+        elif _nan(s_abl[i, j], s_add[i, j]):
             reasons[i][j] = "nan"
     return reasons
+
+
+def _grid(scores: Scores, name: str, method: str) -> Tensor:
+    if name not in scores.grids:
+        raise ValueError(
+            f"these scores have no {name!r} grid, which {method} needs: score with that "
+            f"baseline enabled (score_candidates(..., baseline=[{method!r}]))"
+        )
+    return scores.grids[name]
 
 
 def baseline_prefilter(scores: Scores, settings: SelectionSettings) -> list[list[str]]:
-    """Reasons from the baseline's filters except KL."""
+    """Reasons from the refusal-token baseline's filters except KL."""
     top = max_layer(scores.n_layers, settings)
-    induce, bypass = scores.grids["induce"], scores.grids["bypass"]
+    induce = _grid(scores, "induce", "refusal_tokens")
+    bypass = _grid(scores, "bypass", "refusal_tokens")
+    zero = zero_directions(scores)
     reasons = [[KEPT] * scores.n_layers for _ in scores.positions]
-    for i, j in _cells(tuple(induce.shape)):  # type: ignore[arg-type]
+    for i, j in _cells((len(scores.positions), scores.n_layers)):
         if j >= top:
             reasons[i][j] = "late_layer"
-        elif math.isnan(float(induce[i, j])):
+        elif bool(zero[i, j]):
+            reasons[i][j] = "zero_direction"
+        elif _nan(induce[i, j]):
             reasons[i][j] = "nan"
         elif float(induce[i, j]) < settings.induce_threshold:
             reasons[i][j] = "induce"
-        elif math.isnan(float(bypass[i, j])):
+        elif _nan(bypass[i, j]):
             reasons[i][j] = "nan"
     return reasons
+
+
+def substring_prefilter(scores: Scores, settings: SelectionSettings) -> list[list[str]]:
+    """Reasons from the substring method's filters except KL: position -1 at late layers,
+    zero directions, NaN ``bypass_mode`` / ``induce_mode``; no induce threshold."""
+    top = substring_max_layer(scores.n_layers, settings)
+    bypass = _grid(scores, "bypass_mode", "substring")
+    induce = _grid(scores, "induce_mode", "substring")
+    zero = zero_directions(scores)
+    reasons = [[KEPT] * scores.n_layers for _ in scores.positions]
+    for i, j in _cells((len(scores.positions), scores.n_layers)):
+        if scores.positions[i] == -1 and j >= top:
+            reasons[i][j] = "late_last_position"
+        elif bool(zero[i, j]):
+            reasons[i][j] = "zero_direction"
+        elif _nan(bypass[i, j], induce[i, j]):
+            reasons[i][j] = "nan"
+    return reasons
+
+
+PREFILTERS: dict[str, Callable[[Scores, SelectionSettings], list[list[str]]]] = {
+    "cosmic": cosmic_prefilter,
+    "refusal_tokens": baseline_prefilter,
+    "substring": substring_prefilter,
+}
+
+
+def ranking_grid(scores: Scores, method: str) -> Float[Tensor, "pos layer"]:
+    """The grid ``method`` ranks candidates by (COSMIC: higher is better; the baselines: lower)."""
+    if method == "cosmic":
+        return scores.grids["S_abl"] + scores.grids["S_add"]
+    return _grid(scores, RANKING[method], method)
 
 
 def ranked(
     ranking: Float[Tensor, "pos layer"], reasons: list[list[str]], descending: bool
-) -> list[tuple[int, int]]:
+) -> list[Cell]:
     """Surviving cells from best to worst (ties broken by position, then layer)."""
-    cells = [(i, j) for i, j in _cells(tuple(ranking.shape)) if reasons[i][j] == KEPT]  # type: ignore[arg-type]
+    shape = (int(ranking.shape[0]), int(ranking.shape[1]))
+    cells = [(i, j) for i, j in _cells(shape) if reasons[i][j] == KEPT]
     sign = -1.0 if descending else 1.0
     return sorted(cells, key=lambda c: (sign * float(ranking[c]), c))
 
 
-Cell = tuple[int, int]  # (pos index, layer)
+def ranking_order(scores: Scores, method: str, settings: SelectionSettings) -> list[Cell]:
+    """``method``'s candidates that pass every filter but KL, best first."""
+    return ranked(ranking_grid(scores, method), PREFILTERS[method](scores, settings), method == "cosmic")
 
 
 def walk_ranking(
@@ -228,16 +322,25 @@ def walk_ranking(
     return None, discarded
 
 
+def _kl_grid(scores: Scores, method: str) -> str:
+    name = KL_GRID[method]
+    if name == "KL_linear" and name not in scores.grids and scores.mode == "lce":
+        return "KL"  # in LCE mode the baseline's linear ablation is the mode's
+    _grid(scores, name, method)
+    return name
+
+
 def _apply_kl(
-    scores: Scores, order: list[Cell], reasons: list[list[str]], threshold: float
+    scores: Scores, method: str, order: list[Cell], reasons: list[list[str]], threshold: float
 ) -> Cell | None:
     """The selection's KL walk over computed grids; records the reasons in ``reasons``."""
-    kl, done = scores.grids["KL"], scores.computed["KL"]
+    name = _kl_grid(scores, method)
+    kl, done = scores.grids[name], scores.computed[name]
 
     def computed(cell: Cell) -> float:
         if not bool(done[cell]):
             raise ValueError(
-                f"KL was not computed for candidate (pos {scores.positions[cell[0]]}, layer "
+                f"{name} was not computed for candidate (pos {scores.positions[cell[0]]}, layer "
                 f"{cell[1]}), which could be the pick; score with full grids or let the engine choose"
             )
         return float(kl[cell])
@@ -248,12 +351,37 @@ def _apply_kl(
     return pick
 
 
+def _no_better_than_clean(method: str, values: dict[str, float], clean: dict[str, float]) -> list[str]:
+    """Why a pick's scores do not beat doing nothing (empty if they do)."""
+    checks: list[tuple[str, str, bool]] = []  # (score, clean key, higher is better)
+    if method == "cosmic":
+        checks = [("S_abl", "cos_harmful_harmless", True), ("S_add", "cos_harmful_harmless", True)]
+    else:
+        suffix = "" if method == "refusal_tokens" else "_mode"
+        checks = [
+            (f"bypass{suffix}", "refusal_score_harmful", False),
+            (f"induce{suffix}", "refusal_score_harmless", True),
+        ]
+    out = []
+    for name, key, higher in checks:
+        if name not in values or key not in clean:
+            continue
+        v, c = values[name], clean[key]
+        if (v <= c) if higher else (v >= c):
+            relation = "≤" if higher else "≥"
+            out.append(
+                f"{name} = {v:.4g} does not beat no intervention ({relation} {c:.4g}): "
+                f"the pick may not move refusal"
+            )
+    return out
+
+
 def _finish(
     method: Method,
     scores: Scores,
     ranking: Tensor,
     reasons: list[list[str]],
-    pick: tuple[int, int] | None,
+    pick: Cell | None,
     filters: tuple[str, ...],
     candidates: Any | None,
 ) -> Selection:
@@ -261,6 +389,7 @@ def _finish(
     total = len(scores.positions) * scores.n_layers
     position = layer = direction = reference = None
     values: dict[str, float] = {}
+    warnings: list[str] = []
     if pick is None:
         detail = ", ".join(f"{counts[f]} by {f} (setting: {RELAX[f]})" for f in filters)
         message = f"{method}: all {total} candidates were discarded: {detail}"
@@ -274,6 +403,7 @@ def _finish(
             direction = candidates.direction(position, layer)
             reference = candidates.reference(position, layer)
         message = f"{method}: picked position {position}, layer {layer} of {total} candidates"
+        warnings = _no_better_than_clean(method, values, scores.clean)
     return Selection(
         method,
         position,
@@ -288,21 +418,33 @@ def _finish(
         direction,
         reference,
         message,
+        tuple(warnings),
     )
+
+
+def _select(
+    method: Method,
+    filters: tuple[str, ...],
+    scores: Scores,
+    settings: SelectionSettings | None,
+    candidates: Any | None,
+) -> Selection:
+    settings = settings or SelectionSettings()
+    ranking = ranking_grid(scores, method)
+    reasons = PREFILTERS[method](scores, settings)
+    order = ranked(ranking, reasons, method == "cosmic")
+    pick = _apply_kl(scores, method, order, reasons, settings.kl_threshold)
+    return _finish(method, scores, ranking, reasons, pick, filters, candidates)
 
 
 def select_cosmic(
     scores: Scores, settings: SelectionSettings | None = None, candidates: Any | None = None
 ) -> Selection:
-    """COSMIC: filters of §3, then the maximum of ``S_abl + S_add``.
+    """COSMIC: filters of §3 (and zero directions), then the maximum of ``S_abl + S_add``.
 
     Raises :class:`NoCandidateError` (with the per-filter counts) if nothing survives.
     """
-    settings = settings or SelectionSettings()
-    ranking = scores.grids["S_abl"] + scores.grids["S_add"]
-    reasons = cosmic_prefilter(scores, settings)
-    pick = _apply_kl(scores, ranked(ranking, reasons, True), reasons, settings.kl_threshold)
-    out = _finish("cosmic", scores, ranking, reasons, pick, COSMIC_FILTERS, candidates)
+    out = _select("cosmic", COSMIC_FILTERS, scores, settings, candidates)
     if not out.found:
         raise NoCandidateError(out)
     return out
@@ -311,58 +453,26 @@ def select_cosmic(
 def select_refusal_tokens(
     scores: Scores, settings: SelectionSettings | None = None, candidates: Any | None = None
 ) -> Selection:
-    """Arditi's baseline: drop late layers, ``induce < 0`` and ``KL > 0.1``; minimum bypass.
+    """Arditi et al.'s baseline (§4a): drop late layers, zero directions, ``induce < 0``
+    and ``KL > 0.1`` (linear-ablation KL); minimum ``bypass``.
 
-    An empty result (``selection.found`` is False) is a normal outcome.
+    Its grids use linear interventions in every mode. An empty result
+    (``selection.found`` is False) is a normal outcome.
     """
-    settings = settings or SelectionSettings()
-    if "bypass" not in scores.grids:
-        raise ValueError("these scores have no refusal-token grids (baseline disabled)")
-    ranking = scores.grids["bypass"]
-    reasons = baseline_prefilter(scores, settings)
-    pick = _apply_kl(scores, ranked(ranking, reasons, False), reasons, settings.kl_threshold)
-    return _finish("refusal_tokens", scores, ranking, reasons, pick, BASELINE_FILTERS, candidates)
+    return _select("refusal_tokens", BASELINE_FILTERS, scores, settings, candidates)
 
 
-@dataclass(frozen=True)
-class Comparison:
-    """COSMIC's pick beside the baseline's."""
-
-    same_pick: bool
-    cosmic_pick: tuple[int, int] | None
-    baseline_pick: tuple[int, int] | None
-    cosmic_rank_under_baseline: int | None  # 1 = best bypass score among all candidates
-    baseline_rank_under_cosmic: int | None  # 1 = best S_abl + S_add
-    direction_cosine: float | None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+def select_substring(
+    scores: Scores, settings: SelectionSettings | None = None, candidates: Any | None = None
+) -> Selection:
+    """The COSMIC paper's refusal-token comparison (§4b): the mode's interventions; NaN
+    out; position -1 at layers ``>= int(0.6·n)`` out; zero directions out; ``KL > 0.1``
+    out; no induce filter; minimum ``bypass_mode``. An empty result is a normal outcome."""
+    return _select("substring", SUBSTRING_FILTERS, scores, settings, candidates)
 
 
-def _rank(ranking: Tensor, cell: tuple[int, int], descending: bool) -> int | None:
-    value = float(ranking[cell])
-    if math.isnan(value):
-        return None
-    finite = ranking[~torch.isnan(ranking)]
-    better = (finite > value) if descending else (finite < value)
-    return int(better.sum()) + 1
-
-
-def compare(cosmic: Selection, baseline: Selection) -> Comparison:
-    """Same pick? Each pick's rank under the other method's score; cosine of directions."""
-    c_cell = b_cell = None
-    if cosmic.pick:
-        c_cell = (cosmic.positions.index(cosmic.pick[0]), cosmic.pick[1])
-    if baseline.pick:
-        b_cell = (baseline.positions.index(baseline.pick[0]), baseline.pick[1])
-    cos = None
-    if cosmic.direction is not None and baseline.direction is not None:
-        cos = cosine(cosmic.direction, baseline.direction)
-    return Comparison(
-        same_pick=cosmic.pick is not None and cosmic.pick == baseline.pick,
-        cosmic_pick=cosmic.pick,
-        baseline_pick=baseline.pick,
-        cosmic_rank_under_baseline=_rank(baseline.ranking, c_cell, False) if c_cell else None,
-        baseline_rank_under_cosmic=_rank(cosmic.ranking, b_cell, True) if b_cell else None,
-        direction_cosine=cos,
-    )
+SELECT: dict[str, Callable[..., Selection]] = {
+    "cosmic": select_cosmic,
+    "refusal_tokens": select_refusal_tokens,
+    "substring": select_substring,
+}

@@ -54,7 +54,7 @@ def write_tensors(path: str | os.PathLike[str], tensors: dict[str, Tensor]) -> P
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+        save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, tmp)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

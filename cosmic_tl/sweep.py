@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cosmic_tl.candidates import Candidates
-from cosmic_tl.config import Mode, SelectionSettings
+from cosmic_tl.config import BASELINE_METHODS, Mode, SelectionSettings
 from cosmic_tl.engine import Runner, clean_logits
 from cosmic_tl.interventions import Intervention, Kind
 from cosmic_tl.models import model_id
@@ -44,12 +45,13 @@ from cosmic_tl.scoring import (
     refusal_token_gap,
 )
 from cosmic_tl.selection import (
+    KL_GRID,
+    RANKING,
     Cell,
-    baseline_prefilter,
-    cosmic_prefilter,
     last_position_bounds,
     max_layer,
-    ranked,
+    ranking_order,
+    substring_max_layer,
     walk_ranking,
 )
 from cosmic_tl.templates import Prompts, prompts_for
@@ -102,11 +104,11 @@ class _Context:
     b_harmless: Tensor
     token_ids: tuple[int, ...]
 
-    def intervention(self, kind: Kind, i: int, layer: int) -> Intervention:
+    def intervention(self, kind: Kind, mode: Mode, i: int, layer: int) -> Intervention:
         p = self.candidates.positions[i]
         return Intervention(
             kind,
-            self.mode,
+            mode,
             self.candidates.direction(p, layer).float(),
             layer,
             self.candidates.reference(p, layer).float(),
@@ -114,33 +116,66 @@ class _Context:
         )
 
 
+# What each pass grid needs: (intervention kind, whose interventions, what is read).
+# "mode": the run's mode (COSMIC and the substring method); "lce": linear interventions,
+# which Arditi's baseline uses in every mode. In LCE mode both are the same passes.
+OUTPUTS: dict[str, tuple[Kind, str, str]] = {
+    "S_abl": ("ablate", "mode", "cos"),
+    "S_add": ("add", "mode", "cos"),
+    "bypass_mode": ("ablate", "mode", "tokens"),
+    "induce_mode": ("add", "mode", "tokens"),
+    "bypass": ("ablate", "lce", "tokens"),
+    "induce": ("add", "lce", "tokens"),
+}
+# The grids each method reads.
+GRIDS: dict[str, tuple[str, ...]] = {
+    "cosmic": ("S_abl", "S_add", "KL"),
+    "refusal_tokens": ("bypass", "induce", "KL_linear"),
+    "substring": ("bypass_mode", "induce_mode", "KL"),
+}
+
+
 def _pass_metric(
-    ctx: _Context, i: int, layer: int, *, kind: Kind, cos: bool, tokens: bool
+    ctx: _Context,
+    i: int,
+    layer: int,
+    *,
+    kind: Kind,
+    mode: Mode,
+    cos: bool,
+    tokens: bool,
+    wanted: Collection[str],
 ) -> dict[str, float]:
-    """Ablation pass on harmful prompts (``S_abl``, ``bypass``) or addition pass on
-    harmless prompts (``S_add``, ``induce``)."""
-    runner, target, names = (
-        (ctx.harmful, ctx.b_harmless, ("S_abl", "bypass"))
-        if kind == "ablate"
-        else (ctx.harmless, ctx.b_harmful, ("S_add", "induce"))
+    """One pass of candidate ``(i, layer)``: ablation on harmful prompts (``S_abl``, the
+    bypass scores) or addition on harmless prompts (``S_add``, the induce scores), with
+    ``mode``'s interventions; fills every ``wanted`` grid that pass gives."""
+    runner, target = (ctx.harmful, ctx.b_harmless) if kind == "ablate" else (ctx.harmless, ctx.b_harmful)
+    res = runner.run(
+        ctx.intervention(kind, mode, i, layer), eval_layers=ctx.eval_layers if cos else (), logits=tokens
     )
-    iv = ctx.intervention(kind, i, layer)
     out: dict[str, float] = {}
-    res = runner.run(iv, eval_layers=ctx.eval_layers if cos else (), logits=tokens)
-    if cos:
-        assert res.eval_sums is not None
-        out[names[0]] = cosine(pooled(res.eval_sums, ctx.eval_layers), target)
-    if tokens:
-        assert res.logits is not None
-        out[names[1]] = float(refusal_score(res.logits, ctx.token_ids).mean())
+    for name, (k, whose, what) in OUTPUTS.items():
+        if name not in wanted or k != kind or (ctx.mode if whose == "mode" else "lce") != mode:
+            continue
+        if what == "cos" and cos:
+            assert res.eval_sums is not None
+            out[name] = cosine(pooled(res.eval_sums, ctx.eval_layers), target)
+        elif what == "tokens" and tokens:
+            assert res.logits is not None
+            out[name] = float(refusal_score(res.logits, ctx.token_ids).mean())
     return out
 
 
-def _kl_metric(ctx: _Context, i: int, layer: int) -> dict[str, float]:
-    """KL(P_clean ‖ P_ablated) of the next token on harmless prompts."""
-    res = ctx.harmless.run(ctx.intervention("ablate", i, layer), eval_layers=(), logits=True)
+def _kl_metric(
+    ctx: _Context, i: int, layer: int, *, mode: Mode, wanted: Collection[str]
+) -> dict[str, float]:
+    """KL(P_clean ‖ P_ablated) of the next token on harmless prompts, ablating with
+    ``mode``'s interventions (``KL``: the run's mode; ``KL_linear``: linear)."""
+    res = ctx.harmless.run(ctx.intervention("ablate", mode, i, layer), eval_layers=(), logits=True)
     assert res.logits is not None and ctx.harmless.clean.logits is not None
-    return {"KL": float(kl_divergence(ctx.harmless.clean.logits, res.logits).mean())}
+    value = float(kl_divergence(ctx.harmless.clean.logits, res.logits).mean())
+    names = [n for n in ("KL", "KL_linear") if n in wanted]
+    return {n: value for n in names if (ctx.mode if n == "KL" else "lce") == mode}
 
 
 def score_candidates(
@@ -152,7 +187,7 @@ def score_candidates(
     mode: Mode = "ace",
     alpha: float = 1.0,
     settings: SelectionSettings | None = None,
-    baseline: bool = True,
+    baseline: bool | Sequence[str] = True,
     refusal_tokens: Sequence[str] | None = None,
     full: bool = False,
     batch_size: int = 32,
@@ -163,12 +198,20 @@ def score_candidates(
     """Score every candidate for COSMIC (and the refusal-token baseline).
 
     With ``full=False`` only cells that can change a pick are scored (see the module
-    docstring); the picks are the same as with ``full=True``. ``refusal_tokens``
+    docstring); the picks are the same as with ``full=True``. ``baseline``: ``True`` for
+    Arditi et al.'s refusal-token baseline (linear interventions in every mode),
+    ``False`` for none, or the names of the baselines to score (``"refusal_tokens"``,
+    ``"substring"``: the COSMIC paper's comparison, with the mode's interventions). Each
+    baseline pick's COSMIC score and COSMIC's pick under each baseline's score are
+    always computed, so that picks can be compared. ``refusal_tokens``
     ``("auto",)`` lets :func:`suggest_refusal_tokens` choose them; ``None`` takes the
     model family's (:func:`~cosmic_tl.scoring.default_refusal_tokens`).
     """
     settings = settings or SelectionSettings()
     candidates.check_compatible(model)
+    baselines = _baselines(baseline)
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, not {alpha!r}")
     if mode not in ("ace", "lce"):
         raise ValueError(f"mode must be 'ace' or 'lce', not {mode!r}")
     if not harmful_val or not harmless_val:
@@ -192,7 +235,7 @@ def score_candidates(
         if not torch.isfinite(runner.clean.logits).all():
             raise ValueError(f"the model produces non-finite logits on the {name} validation set")
     names = resolve_refusal_tokens(model, refusal_tokens, harmful_val, harmless_val, batch_size)
-    token_ids = encode_refusal_tokens(model.tokenizer, names) if baseline else ()
+    token_ids = encode_refusal_tokens(model.tokenizer, names) if baselines else ()
     ctx = _Context(
         candidates,
         mode,
@@ -205,11 +248,11 @@ def score_candidates(
         token_ids,
     )
     clean: dict[str, float] = {"cos_harmful_harmless": cosine(ctx.b_harmful, ctx.b_harmless)}
-    if baseline:
+    if baselines:
         assert harmful.clean.logits is not None and harmless.clean.logits is not None
         clean["refusal_score_harmful"] = float(refusal_score(harmful.clean.logits, token_ids).mean())
         clean["refusal_score_harmless"] = float(refusal_score(harmless.clean.logits, token_ids).mean())
-    sheet = _Sheet(ctx, names if baseline else (), clean, baseline, progress)
+    sheet = _Sheet(ctx, names if baselines else (), clean, ("cosmic", *baselines), progress)
     started = time.perf_counter()
     if full:
         sheet.fill_all()
@@ -223,6 +266,18 @@ def score_candidates(
             "sweep_seconds": time.perf_counter() - started,
         },
     )
+
+
+def _baselines(baseline: bool | Sequence[str]) -> tuple[str, ...]:
+    if baseline is True:
+        return ("refusal_tokens",)
+    if baseline is False:
+        return ()
+    names = tuple(dict.fromkeys(baseline))
+    bad = [b for b in names if b not in BASELINE_METHODS]
+    if bad:
+        raise ValueError(f"unknown baseline {bad[0]!r}; choose from {BASELINE_METHODS}")
+    return names
 
 
 def resolve_refusal_tokens(
@@ -242,22 +297,24 @@ def resolve_refusal_tokens(
 
 
 class _Sheet:
-    """Grids being filled in; knows which metric shares which pass."""
+    """Grids being filled in; knows which grid shares which pass."""
 
     def __init__(
         self,
         ctx: _Context,
         names: tuple[str, ...],
         clean: dict[str, float],
-        baseline: bool,
+        methods: tuple[str, ...],
         progress: bool,
     ) -> None:
         self.ctx, self.names, self.clean = ctx, names, clean
-        self.baseline, self.progress = baseline, progress
+        self.methods, self.progress = methods, progress
         self.shape = (len(ctx.candidates.positions), ctx.candidates.n_layers)
-        keys = ("S_abl", "S_add", "KL") + (("bypass", "induce") if baseline else ())
+        keys = tuple(dict.fromkeys(g for m in methods for g in GRIDS[m]))
         self.grids = {k: torch.full(self.shape, math.nan, dtype=torch.float64) for k in keys}
         self.done = {k: torch.zeros(self.shape, dtype=torch.bool) for k in keys}
+        self.grids["norm"] = ctx.candidates.directions.double().norm(dim=-1)
+        self.done["norm"] = torch.ones(self.shape, dtype=torch.bool)
 
     def scores(self) -> Scores:
         c = self.ctx
@@ -285,71 +342,101 @@ class _Sheet:
             self.grids[name][mask] = grid[mask]
             self.done[name] |= mask
 
-    def passes(self, cos: set[Cell], tokens: set[Cell], bypass: Callable[[Cell], bool]) -> None:
-        """Addition passes then ablation passes for the given needs."""
-        ctx = self.ctx
-        add_cells = sorted(cos | tokens)
-        self.record(
-            lambda i, j: _pass_metric(ctx, i, j, kind="add", cos=(i, j) in cos, tokens=(i, j) in tokens),
-            add_cells,
-            "addition passes",
-        )
-        abl_cells = sorted(cos | {c for c in tokens if bypass(c)})
-        self.record(
-            lambda i, j: _pass_metric(
-                ctx,
-                i,
-                j,
-                kind="ablate",
-                cos=(i, j) in cos,
-                tokens=(i, j) in tokens and bypass((i, j)),
-            ),
-            abl_cells,
-            "ablation passes",
-        )
+    def compute(self, needs: dict[Cell, set[str]]) -> None:
+        """Fill the pass grids ``needs`` names per cell, one pass per cell and intervention."""
+        groups: dict[tuple[Kind, Mode], dict[Cell, tuple[bool, bool]]] = {}
+        for cell, names in needs.items():
+            for name in names:
+                if name not in self.grids or bool(self.done[name][cell]):
+                    continue
+                kind, whose, what = OUTPUTS[name]
+                mode: Mode = self.ctx.mode if whose == "mode" else "lce"
+                cos, tokens = groups.setdefault((kind, mode), {}).get(cell, (False, False))
+                groups[kind, mode][cell] = (cos or what == "cos", tokens or what == "tokens")
+        wanted = set(self.grids)
+        for (kind, mode), flags in sorted(groups.items(), key=lambda kv: (kv[0][0] != "add", kv[0][1])):
+
+            def metric(
+                i: int, j: int, kind: Kind = kind, mode: Mode = mode, flags: dict = flags
+            ) -> dict[str, float]:
+                cos, tokens = flags[i, j]
+                return _pass_metric(
+                    self.ctx, i, j, kind=kind, mode=mode, cos=cos, tokens=tokens, wanted=wanted
+                )
+
+            label = "addition" if kind == "add" else "ablation"
+            self.record(metric, sorted(flags), f"{label} passes ({mode.upper()})")
+
+    def kl(self, cell: Cell, name: str = "KL") -> float:
+        """The cell's KL grid ``name`` (``KL`` or ``KL_linear``), computed now if it was not yet."""
+        if not bool(self.done[name][cell]):
+            mode: Mode = self.ctx.mode if name == "KL" else "lce"
+            wanted = set(self.grids)
+            self.record(lambda i, j: _kl_metric(self.ctx, i, j, mode=mode, wanted=wanted), [cell], name)
+        return float(self.grids[name][cell])
+
+    def _all(self) -> list[Cell]:
+        return [(i, j) for i in range(self.shape[0]) for j in range(self.shape[1])]
 
     def fill_all(self) -> None:
-        cells = {(i, j) for i in range(self.shape[0]) for j in range(self.shape[1])}
-        self.passes(cells, cells if self.baseline else set(), lambda c: True)
-        self.record(lambda i, j: _kl_metric(self.ctx, i, j), sorted(cells), "KL")
+        passes = set(self.grids) & set(OUTPUTS)
+        self.compute({c: set(passes) for c in self._all()})
+        for name in ("KL", "KL_linear"):
+            if name in self.grids:
+                for c in self._all():
+                    self.kl(c, name)
 
     def fill_needed(self, settings: SelectionSettings) -> None:
         n_pos, n_layers = self.shape
         top = max_layer(n_layers, settings)
         positions = self.ctx.candidates.positions
         last = positions.index(-1) if -1 in positions else None
-        tokens = {(i, j) for i in range(n_pos) for j in range(top)} if self.baseline else set()
-        thr = settings.induce_threshold
-
-        def bypass(c: Cell) -> bool:
-            return float(self.grids["induce"][c]) >= thr
-
         rule = settings.last_position_rule
-        first = {
-            (i, j) for i in range(n_pos) for j in range(n_layers) if i != last and (rule or j < top)
-        }
-        self.passes(first, {c for c in tokens if c[0] != last}, bypass)
-        if last is not None:
-            keep = range(top)
+        needs: dict[Cell, set[str]] = {c: set() for c in self._all()}
+        for i, j in self._all():
+            if "cosmic" in self.methods and i != last and (rule or j < top):
+                needs[i, j] |= {"S_abl", "S_add"}  # the last-position rule reads every layer
+            if "refusal_tokens" in self.methods and j < top:
+                needs[i, j].add("induce")
+            if "substring" in self.methods and not (
+                i == last and j >= substring_max_layer(n_layers, settings)
+            ):
+                needs[i, j] |= {"bypass_mode", "induce_mode"}
+        self.compute(needs)
+        later: dict[Cell, set[str]] = {c: set() for c in self._all()}
+        if "cosmic" in self.methods and last is not None:
+            keep: Iterable[int] = range(top)
             if rule:
                 a, s = last_position_bounds(self.grids["S_abl"], self.grids["S_add"], positions)
-                keep = [j for j in range(top) if not (j > a and j > s)]  # type: ignore[assignment]
-            self.passes({(last, j) for j in keep}, {c for c in tokens if c[0] == last}, bypass)
+                keep = [j for j in range(top) if not (j > a and j > s)]
+            for j in keep:
+                later[last, j] |= {"S_abl", "S_add"}
+        if "refusal_tokens" in self.methods:
+            for i, j in self._all():
+                if j < top and float(self.grids["induce"][i, j]) >= settings.induce_threshold:
+                    later[i, j].add("bypass")
+        self.compute(later)
         # KL down each method's ranking until the first candidate that passes.
         view = self.scores()
-        orders = [
-            ranked(view.grids["S_abl"] + view.grids["S_add"], cosmic_prefilter(view, settings), True)
-        ]
-        if self.baseline:
-            orders.append(ranked(view.grids["bypass"], baseline_prefilter(view, settings), False))
-        for order in orders:
-            walk_ranking(order, self.kl, settings.kl_threshold)
+        picks: dict[str, Cell | None] = {}
+        for method in self.methods:
+            order = ranking_order(view, method, settings)
+            kl = partial(self.kl, name=KL_GRID[method])
+            picks[method], _ = walk_ranking(order, kl, settings.kl_threshold)
+        self._comparison_cells(picks)
 
-    def kl(self, cell: Cell) -> float:
-        """The cell's KL, computed now if it was not yet."""
-        if not bool(self.done["KL"][cell]):
-            self.record(lambda i, j: _kl_metric(self.ctx, i, j), [cell], "KL")
-        return float(self.grids["KL"][cell])
+    def _comparison_cells(self, picks: dict[str, Cell | None]) -> None:
+        """Each baseline's pick under COSMIC's score, COSMIC's pick under each baseline's."""
+        needs: dict[Cell, set[str]] = {}
+        for method, pick in picks.items():
+            if pick is None:
+                continue
+            if method == "cosmic":
+                for other in self.methods[1:]:
+                    needs.setdefault(pick, set()).add(RANKING[other])
+            else:
+                needs.setdefault(pick, set()).update({"S_abl", "S_add"})
+        self.compute(needs)
 
 
 def suggest_refusal_tokens(

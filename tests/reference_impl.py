@@ -92,7 +92,13 @@ def reference_scores(
     batch_size: int = 32,
     eval_fraction: float = 0.1,
 ) -> dict[str, Any]:
-    """Every candidate's S_abl, S_add, KL (and bypass/induce if token_ids): the slow way."""
+    """Every candidate's S_abl, S_add, KL (and, with token_ids, the refusal-token grids):
+    the slow way.
+
+    ``bypass`` / ``induce`` / ``KL_linear`` use linear interventions whatever ``mode`` is
+    (Arditi et al.); ``bypass_mode`` / ``induce_mode`` use ``mode``'s (the substring
+    method). In LCE mode they coincide.
+    """
     n = model.cfg.n_layers
     h_tr, _ = _hidden_and_logits(model, harmful_train, [], batch_size)
     l_tr, _ = _hidden_and_logits(model, harmless_train, [], batch_size)
@@ -116,8 +122,13 @@ def reference_scores(
     k = directions.shape[0]
     grids = {
         x: torch.full((k, n), math.nan, dtype=torch.float64)
-        for x in ("S_abl", "S_add", "KL", "bypass", "induce")
+        for x in ("S_abl", "S_add", "KL", "bypass", "induce", "KL_linear", "bypass_mode", "induce_mode")
     }
+
+    def kl(lg):
+        q = torch.softmax(lg, -1)
+        return float((p_clean * (torch.log(p_clean + 1e-6) - torch.log(q + 1e-6))).sum(-1).mean())
+
     for i in range(k):
         for layer in range(n):
             r, ref = directions[i, layer], harmless_mean[i, layer]
@@ -128,13 +139,19 @@ def reference_scores(
             _, lg3 = _hidden_and_logits(model, harmless_val, abl, batch_size)
             grids["S_abl"][i, layer] = _cos(pool(h1), b_harmless)
             grids["S_add"][i, layer] = _cos(pool(h2), b_harmful)
-            q = torch.softmax(lg3, -1)
-            grids["KL"][i, layer] = float(
-                (p_clean * (torch.log(p_clean + 1e-6) - torch.log(q + 1e-6))).sum(-1).mean()
-            )
+            grids["KL"][i, layer] = kl(lg3)
             if token_ids:
+                grids["bypass_mode"][i, layer] = refusal(lg1)
+                grids["induce_mode"][i, layer] = refusal(lg2)
+                if mode != "lce":
+                    lin_abl = _hooks("ablate", "lce", r, ref, layer, n, alpha)
+                    lin_add = _hooks("add", "lce", r, ref, layer, n, alpha)
+                    _, lg1 = _hidden_and_logits(model, harmful_val, lin_abl, batch_size)
+                    _, lg2 = _hidden_and_logits(model, harmless_val, lin_add, batch_size)
+                    _, lg3 = _hidden_and_logits(model, harmless_val, lin_abl, batch_size)
                 grids["bypass"][i, layer] = refusal(lg1)
                 grids["induce"][i, layer] = refusal(lg2)
+                grids["KL_linear"][i, layer] = kl(lg3)
     return {
         "grids": grids,
         "eval_layers": tuple(low),
@@ -144,11 +161,17 @@ def reference_scores(
     }
 
 
-def as_scores(ref: dict[str, Any], like: Scores, mode: str) -> Scores:
-    """The reference loop's grids as a ``Scores`` (every cell computed), for selection."""
-    done = {k: torch.ones_like(v, dtype=torch.bool) for k, v in ref["grids"].items()}
+def as_scores(
+    ref: dict[str, Any], like: Scores, mode: str, directions: torch.Tensor | None = None
+) -> Scores:
+    """The reference loop's grids as a ``Scores`` (every cell computed), for selection;
+    with ``directions`` also each candidate's norm (selection discards zero directions)."""
+    grids = dict(ref["grids"])
+    if directions is not None:
+        grids["norm"] = directions.double().norm(dim=-1)
+    done = {k: torch.ones_like(v, dtype=torch.bool) for k, v in grids.items()}
     return Scores(
-        ref["grids"],
+        grids,
         done,
         like.positions,
         like.position_labels,

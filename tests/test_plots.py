@@ -34,7 +34,7 @@ def make(baseline: bool = True) -> Scores:
     if baseline:
         bypass, induce = z() + 1.0, z() - 1.0
         induce[0, 1], bypass[0, 1] = 0.5, -2.0
-        grids |= {"bypass": bypass, "induce": induce}
+        grids |= {"bypass": bypass, "induce": induce, "KL_linear": kl.clone()}
     computed = {k: torch.ones_like(v, dtype=torch.bool) for k, v in grids.items()}
     for name in ("S_abl", "KL"):  # a cell the engine skipped
         grids[name][2, 6] = math.nan

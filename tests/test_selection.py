@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from cosmic_tl.comparison import compare
 from cosmic_tl.config import SelectionSettings
 from cosmic_tl.scoring import Scores, evaluation_layers, kl_divergence, refusal_score, refusal_token_gap
 from cosmic_tl.selection import (
     NoCandidateError,
-    compare,
     last_position_bounds,
     select_cosmic,
     select_refusal_tokens,
@@ -24,7 +24,7 @@ N = 10  # layers: ⌊0.8·10⌋ = 8, so layers 8 and 9 are "late"
 def make(s_abl, s_add, kl, bypass=None, induce=None) -> Scores:
     grids = {"S_abl": s_abl, "S_add": s_add, "KL": kl}
     if bypass is not None:
-        grids |= {"bypass": bypass, "induce": induce}
+        grids |= {"bypass": bypass, "induce": induce, "KL_linear": kl}
     grids = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in grids.items()}
     computed = {k: torch.ones_like(v, dtype=torch.bool) for k, v in grids.items()}
     d = 4

@@ -12,11 +12,12 @@ from reference_impl import as_scores, reference_scores
 from cosmic_tl.candidates import Candidates, compute_candidates
 from cosmic_tl.config import SelectionSettings
 from cosmic_tl.scoring import encode_refusal_tokens
-from cosmic_tl.selection import NoCandidateError, select_cosmic, select_refusal_tokens
+from cosmic_tl.selection import NoCandidateError, select_cosmic, select_refusal_tokens, select_substring
 from cosmic_tl.sweep import score_candidates, sweep
 
 TRAIN_H, TRAIN_L = HARMFUL, HARMLESS
 VAL_H, VAL_L = HARMFUL[:4], HARMLESS[2:]
+BOTH = ("refusal_tokens", "substring")
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,7 @@ def both(request, tiny, cands):
         batch_size=3,
         progress=False,
         refusal_tokens=["I"],
+        baseline=BOTH,
     )
     lazy = score_candidates(
         tiny,
@@ -61,6 +63,7 @@ def both(request, tiny, cands):
         batch_size=2,
         progress=False,
         refusal_tokens=["I"],
+        baseline=BOTH,
     )
     return mode, ref, full, lazy
 
@@ -74,7 +77,7 @@ def test_generic_sweep_fills_only_called_cells():
 def test_full_grids_match_reference_loop(both):
     _, ref, full, _ = both
     assert full.eval_layers == ref["eval_layers"]
-    for name in ("S_abl", "S_add", "KL", "bypass", "induce"):
+    for name in ("S_abl", "S_add", "KL", "bypass", "induce", "KL_linear", "bypass_mode", "induce_mode"):
         torch.testing.assert_close(full.grids[name], ref["grids"][name], atol=1e-4, rtol=1e-4)
         assert bool(full.computed[name].all())
 
@@ -83,10 +86,10 @@ def test_lazy_cells_agree_and_picks_match(both, cands):
     mode, ref, full, lazy = both
     for name, grid in lazy.grids.items():
         done = lazy.computed[name]
-        # bypass is needed only where induce passes, which may be nowhere.
-        assert bool(done.any()) or name == "bypass"
+        # bypass (and its KL) is needed only where induce passes, which may be nowhere.
+        assert bool(done.any()) or name in ("bypass", "KL_linear")
         torch.testing.assert_close(grid[done], full.grids[name][done], atol=1e-6, rtol=1e-6)
-    ref_scores = as_scores(ref, full, mode)
+    ref_scores = as_scores(ref, full, mode, cands.directions)
     # A generous KL threshold so that the tiny random model has survivors.
     for settings in (SelectionSettings(), SelectionSettings(kl_threshold=1e9)):
         outcomes = []
@@ -98,6 +101,21 @@ def test_lazy_cells_agree_and_picks_match(both, cands):
         assert outcomes[0] == outcomes[1] == outcomes[2]
         picks = [select_refusal_tokens(s, settings).pick for s in (ref_scores, full, lazy)]
         assert picks[0] == picks[1] == picks[2]
+        picks = [select_substring(s, settings).pick for s in (ref_scores, full, lazy)]
+        assert picks[0] == picks[1] == picks[2]
+
+
+def test_arditi_grids_are_the_same_in_both_modes(tiny, cands):
+    """Arditi's baseline uses linear interventions whatever COSMIC's mode is."""
+    kw = dict(full=True, batch_size=3, progress=False, refusal_tokens=["I"])
+    ace = score_candidates(tiny, cands, VAL_H, VAL_L, mode="ace", **kw)
+    lce = score_candidates(tiny, cands, VAL_H, VAL_L, mode="lce", **kw)
+    for name in ("bypass", "induce"):
+        torch.testing.assert_close(ace.grids[name], lce.grids[name], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ace.grids["KL_linear"], lce.grids["KL"], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(ace.grids["KL"], lce.grids["KL"])  # the mode's KL does differ
+    s = SelectionSettings(kl_threshold=1e9)
+    assert select_refusal_tokens(ace, s).pick == select_refusal_tokens(lce, s).pick
 
 
 def test_lazy_skips_work(both):
