@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cosmic_tl import models
-from cosmic_tl.models import Alias, CacheError, ModelSpecError, ensure_alias, is_cached, resolve_spec
+from cosmic_tl.models import Alias, CacheError, ModelSpecError, is_cached, resolve_spec
+from cosmic_tl.models.cache import ensure, is_built
 
 
 @pytest.fixture
@@ -19,20 +20,19 @@ def fake_alias(monkeypatch, tmp_path):
         (out / "weights.bin").write_bytes(b"x" * 100)
         return {"recipe": "fake"}
 
-    models.register_alias(Alias("fake-model", "for tests", build))
-    yield calls
-    models._ALIASES.pop("fake-model", None)
+    return Alias("fake-model", "for tests", build), calls
 
 
 def test_alias_builds_once_and_detects_corruption(fake_alias):
-    path = ensure_alias("fake-model")
-    assert is_cached("fake-model") and len(fake_alias) == 1
-    ensure_alias("fake-model")
-    assert len(fake_alias) == 1  # cached
+    alias, calls = fake_alias
+    path = ensure(alias)
+    assert is_built(alias) and len(calls) == 1
+    ensure(alias)
+    assert len(calls) == 1  # cached
     (path / "weights.bin").write_bytes(b"x" * 10)  # truncated file
-    assert not is_cached("fake-model")
-    ensure_alias("fake-model")
-    assert len(fake_alias) == 2 and is_cached("fake-model")
+    assert not is_built(alias)
+    ensure(alias)
+    assert len(calls) == 2 and is_built(alias)
     assert models.read_card("fake-model") == {"recipe": "fake"}
 
 
@@ -43,14 +43,11 @@ def test_interrupted_build_leaves_nothing(monkeypatch, tmp_path):
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    models.register_alias(Alias("broken-model", "for tests", build))
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            ensure_alias("broken-model")
-        assert not is_cached("broken-model")
-        assert list((tmp_path / "cache" / "models").iterdir()) == []
-    finally:
-        models._ALIASES.pop("broken-model", None)
+    alias = Alias("broken-model", "for tests", build)
+    with pytest.raises(KeyboardInterrupt):
+        ensure(alias)
+    assert not is_built(alias)
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
 
 
 def test_cache_path_that_is_a_file(fake_alias, monkeypatch, tmp_path):
@@ -58,7 +55,7 @@ def test_cache_path_that_is_a_file(fake_alias, monkeypatch, tmp_path):
     blocker.write_text("not a directory")
     monkeypatch.setenv("COSMIC_TL_CACHE", str(blocker))
     with pytest.raises(CacheError, match="writable"):
-        ensure_alias("fake-model")
+        ensure(fake_alias[0])
 
 
 def test_spec_resolution(tmp_path):
