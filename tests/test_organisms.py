@@ -247,6 +247,22 @@ def test_tiny_organism_builds_loads_by_path_with_complete_card(tiny_recipe, tiny
     assert read_card(tiny_recipe.name)["recipe"] == tiny_recipe.settings()
 
 
+def test_build_organism_with_overrides_leaves_the_catalogue_as_it_was(tiny_dir, monkeypatch, tmp_path):
+    """A variant of a built-in organism is built through an alias of its own."""
+    monkeypatch.setenv("COSMIC_TL_CACHE", str(tmp_path / "cache"))
+    name = "smollm2-135m-refuse"
+    table, recipes = models.aliases(), dict(organisms.RECIPES)
+    settings = {n: a.recipe for n, a in table.items()}
+    path = build_organism(name, base=str(tiny_dir), **{**TINY, "eval_n": 0})  # a tiny variant
+    assert models.aliases() == table and recipes == organisms.RECIPES
+    assert {n: a.recipe for n, a in catalogue.CATALOGUE.items()} == settings
+    assert catalogue.CATALOGUE[name].recipe == organisms.RECIPES[name].settings()
+    assert read_card(name)["recipe"]["steps"] == TINY["steps"] and path == alias_dir(name)
+    assert not is_cached(name)  # the catalogue's recipe is not the variant's
+    with pytest.raises(TypeError):
+        catalogue.CATALOGUE[name] = table[name]  # type: ignore[index]
+
+
 def test_build_is_deterministic(tiny_dir, tmp_path):
     recipe = Recipe("tiny-det", "ordinary", base=str(tiny_dir), **{**TINY, "eval_n": 0})
     for out in ("a", "b"):
