@@ -322,9 +322,14 @@ def test_build_command_builds_several_and_rejects_unknown(tiny_in_catalogue, cap
     assert cli.main(["build", tiny_recipe.name, "no-such-alias"]) == 2
     assert "no-such-alias" in caplog.text and not is_cached(tiny_recipe.name)  # nothing built
     assert cli.main(["build", tiny_recipe.name]) == 0
+    assert "(about 5 seconds, measured on 2 CPU cores)" in caplog.text  # the catalogue's estimate
     assert is_cached(tiny_recipe.name)
     stamp = (alias_dir(tiny_recipe.name) / "config.json").stat().st_mtime_ns
     caplog.clear()
     assert cli.main(["build", tiny_recipe.name]) == 0  # already built: reused, not rebuilt
     assert "building" not in caplog.text
     assert (alias_dir(tiny_recipe.name) / "config.json").stat().st_mtime_ns == stamp
+    caplog.clear()
+    took = read_card(tiny_recipe.name)["seconds"]["total"]
+    assert cli.main(["build", "--rebuild", tiny_recipe.name]) == 0
+    assert f"(the last build took {took:.0f} seconds)" in caplog.text  # from the replaced card
