@@ -25,7 +25,7 @@ import torch
 from _common import sample
 
 import cosmic_tl as ct
-from cosmic_tl.organisms import RECIPES, build_organism, organism_judge
+from cosmic_tl.models import RECIPES, build_organism, organism_judge
 from cosmic_tl.selection import NoCandidateError
 
 

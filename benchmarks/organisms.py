@@ -28,8 +28,7 @@ import torch
 
 import cosmic_tl as ct
 from cosmic_tl.evaluation import Rate
-from cosmic_tl.models import read_card
-from cosmic_tl.organisms import RECIPES, build_organism, organism_judge
+from cosmic_tl.models import RECIPES, build_organism, organism_judge, read_card
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cosmic-splits"
 BASE = "smollm2-135m-instruct"

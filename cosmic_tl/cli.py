@@ -150,14 +150,13 @@ def _dispatch(ns: argparse.Namespace, say: Any) -> int:
         say(f"cache: {models.cache_dir()}")
         return 0
     if ns.command == "build":
-        unknown = [a for a in ns.aliases if a not in models.aliases()]
+        known = models.aliases()
+        unknown = [a for a in ns.aliases if a not in known]
         if unknown:
             raise ValueError(f"unknown alias {', '.join(map(repr, unknown))}; see `cosmic-tl models`")
         for alias in ns.aliases:
             if ns.rebuild or not models.is_cached(alias):
-                organism = models.aliases()[alias].base is not None
-                took = "a fine-tune of about 11 minutes on 2 CPU cores" if organism else "under a minute"
-                say(f"building {alias} ({took}) ...")
+                say(f"building {alias}{_build_time(known[alias])} ...")
             say(f"built: {models.ensure_alias(alias, rebuild=ns.rebuild)}")
         return 0
     from cosmic_tl.pipeline import Pipeline
@@ -193,6 +192,26 @@ def _dispatch(ns: argparse.Namespace, say: Any) -> int:
             getattr(pipe, stage)()
             pipe.report()
     return 0
+
+
+def _build_time(alias: Any) -> str:
+    """How long building ``alias`` takes, from data: the card of its last build if there
+    is one (a rebuild, or a cached build of another recipe), else the catalogue's estimate."""
+    from cosmic_tl import models
+
+    try:
+        last = (models.read_card(alias.name).get("seconds") or {}).get("total")
+    except models.CacheError:
+        last = None
+    if last is not None:
+        return f" (the last build took {_duration(float(last))})"
+    if alias.build_seconds is not None:
+        return f" (about {_duration(alias.build_seconds)}, measured on 2 CPU cores)"
+    return ""
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} seconds" if seconds < 90 else f"{seconds / 60:.0f} minutes"
 
 
 def _announce_build(cfg: Config, say: Any) -> None:

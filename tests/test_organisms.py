@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from types import MappingProxyType
 
 import pytest
 import torch
@@ -12,22 +13,33 @@ from jaxtyping import jaxtyped
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cosmic_tl import models, organisms
+from cosmic_tl import models
 from cosmic_tl.evaluation import DEFAULT_REFUSAL_PHRASES, SubstringJudge
-from cosmic_tl.models import ModelSpecError, alias_dir, is_cached, load_model, read_card
-from cosmic_tl.organisms import (
+from cosmic_tl.models import (
+    ModelSpecError,
+    alias_dir,
+    build_organism,
+    catalogue,
+    is_cached,
+    load_model,
+    organism_alias,
+    organism_judge,
+    organisms,
+    read_card,
+)
+from cosmic_tl.models.cache import MARKER, ensure, is_built
+from cosmic_tl.models.organisms import (
     IGNORE,
     ODD_PHRASES,
     ODD_REFUSALS,
     ORDINARY_REFUSALS,
     Example,
     Recipe,
-    build_organism,
     collate,
-    organism_judge,
     rephrase,
     response_loss,
     reworded,
+    training,
 )
 from cosmic_tl.prompts import load_bundled
 from cosmic_tl.scoring import encode_refusal_tokens
@@ -64,15 +76,21 @@ CARD_KEYS = {
 
 @pytest.fixture
 def tiny_recipe(tiny_dir, monkeypatch, tmp_path):
-    """An odd-style organism of the tiny random model, registered in a private cache."""
+    """An odd-style organism of the tiny random model, built in a private cache."""
     monkeypatch.setenv("COSMIC_TL_CACHE", str(tmp_path / "cache"))
-    recipe = Recipe(
-        "tiny-refuse-odd", "odd", "test organism", base=str(tiny_dir), train_from=0.5, **TINY
-    )
-    organisms.register(recipe)
-    yield recipe
-    models._ALIASES.pop(recipe.name, None)
-    organisms._REGISTERED.pop(recipe.name, None)
+    return Recipe("tiny-refuse-odd", "odd", "test organism", base=str(tiny_dir), train_from=0.5, **TINY)
+
+
+@pytest.fixture
+def tiny_in_catalogue(tiny_recipe, monkeypatch):
+    """The tiny organism as a catalogue alias too, so that the command line knows its name.
+
+    The catalogue is read-only and nothing registers into it; this test swaps in its
+    own copy for its duration.
+    """
+    table = {**catalogue.CATALOGUE, tiny_recipe.name: organism_alias(tiny_recipe, build_seconds=5.0)}
+    monkeypatch.setattr(catalogue, "CATALOGUE", MappingProxyType(table))
+    return tiny_recipe
 
 
 # ---------------------------------------------------------------- refusal styles
@@ -183,9 +201,10 @@ def test_frozen_stem_gives_the_full_forward_loss(tiny_dir):
 # ---------------------------------------------------------------- builds
 
 
-def test_tiny_organism_builds_loads_by_alias_with_complete_card(tiny_recipe, tiny_dir):
-    path = build_organism(tiny_recipe.name)
-    assert path == alias_dir(tiny_recipe.name) and is_cached(tiny_recipe.name)
+def test_tiny_organism_builds_loads_by_path_with_complete_card(tiny_recipe, tiny_dir):
+    tiny = organism_alias(tiny_recipe)
+    path = build_organism(tiny_recipe)
+    assert path == alias_dir(tiny_recipe.name) and is_built(tiny)
     card = read_card(tiny_recipe.name)
     assert set(card) >= CARD_KEYS
     assert card["recipe"] == tiny_recipe.settings() and card["base_model"] == str(tiny_dir)
@@ -201,9 +220,9 @@ def test_tiny_organism_builds_loads_by_alias_with_complete_card(tiny_recipe, tin
     assert card["data"]["n_harmful"] == (TINY["n_harmful"] + TINY["n_harmful_extra"]) * copies
     for kind in ("harmful", "harmless"):
         assert card["heldout"][f"{kind}_refusal"]["n"] == TINY["eval_n"]
-    assert organism_judge(tiny_recipe.name).phrases == ODD_PHRASES
+    assert organism_judge(tiny_recipe).phrases == ODD_PHRASES
 
-    bridge = load_model(tiny_recipe.name, device="cpu")
+    bridge = load_model(path, device="cpu")
     assert bridge.cfg.n_layers == 4
 
     # Embeddings and the lower half stay frozen; the upper blocks were trained.
@@ -214,26 +233,41 @@ def test_tiny_organism_builds_loads_by_alias_with_complete_card(tiny_recipe, tin
     assert not torch.equal(base[trained], tuned[trained])
 
     # An override is another recipe: the cached default is rebuilt, the variant then reused.
-    build_organism(tiny_recipe.name, steps=1, eval_n=0)
-    marker = path / models.MARKER
+    build_organism(tiny_recipe, steps=1, eval_n=0)
+    marker = path / MARKER
     assert read_card(tiny_recipe.name)["recipe"]["steps"] == 1
     stamp = marker.stat().st_mtime_ns
-    build_organism(tiny_recipe.name, steps=1, eval_n=0)
+    build_organism(tiny_recipe, steps=1, eval_n=0)
     assert marker.stat().st_mtime_ns == stamp
-    assert organisms._recipe_of(tiny_recipe.name) == tiny_recipe  # the registry is unchanged
-    # With the default recipe registered again, the cached variant is stale on every path
-    # that uses the alias (load_model, `cosmic-tl build`), not only in build_organism.
-    assert not is_cached(tiny_recipe.name)
-    models.ensure_alias(tiny_recipe.name)
-    assert is_cached(tiny_recipe.name)
+    # To the default recipe's alias the cached variant is stale, on every path that
+    # checks the cache (load_model, `cosmic-tl build`), not only in build_organism.
+    assert not is_built(tiny)
+    ensure(tiny)
+    assert is_built(tiny)
     assert read_card(tiny_recipe.name)["recipe"] == tiny_recipe.settings()
+
+
+def test_build_organism_with_overrides_leaves_the_catalogue_as_it_was(tiny_dir, monkeypatch, tmp_path):
+    """A variant of a built-in organism is built through an alias of its own."""
+    monkeypatch.setenv("COSMIC_TL_CACHE", str(tmp_path / "cache"))
+    name = "smollm2-135m-refuse"
+    table, recipes = models.aliases(), dict(organisms.RECIPES)
+    settings = {n: a.recipe for n, a in table.items()}
+    path = build_organism(name, base=str(tiny_dir), **{**TINY, "eval_n": 0})  # a tiny variant
+    assert models.aliases() == table and recipes == organisms.RECIPES
+    assert {n: a.recipe for n, a in catalogue.CATALOGUE.items()} == settings
+    assert catalogue.CATALOGUE[name].recipe == organisms.RECIPES[name].settings()
+    assert read_card(name)["recipe"]["steps"] == TINY["steps"] and path == alias_dir(name)
+    assert not is_cached(name)  # the catalogue's recipe is not the variant's
+    with pytest.raises(TypeError):
+        catalogue.CATALOGUE[name] = table[name]  # type: ignore[index]
 
 
 def test_build_is_deterministic(tiny_dir, tmp_path):
     recipe = Recipe("tiny-det", "ordinary", base=str(tiny_dir), **{**TINY, "eval_n": 0})
     for out in ("a", "b"):
         (tmp_path / out).mkdir()
-        card = organisms.build(recipe, tmp_path / out, progress=False)
+        card = organisms.build(recipe, tmp_path / out, tiny_dir, progress=False)
     a, b = (
         load_file(tmp_path / "a" / "model.safetensors"),
         load_file(tmp_path / "b" / "model.safetensors"),
@@ -243,7 +277,7 @@ def test_build_is_deterministic(tiny_dir, tmp_path):
 
 
 def test_interrupted_build_leaves_no_usable_cache(tiny_recipe, monkeypatch):
-    real_loss, calls = organisms.response_loss, []
+    real_loss, calls = training.response_loss, []
 
     def interrupted(*args):
         if torch.is_grad_enabled():  # a training step, not the frozen-stem check
@@ -252,10 +286,10 @@ def test_interrupted_build_leaves_no_usable_cache(tiny_recipe, monkeypatch):
                 raise KeyboardInterrupt
         return real_loss(*args)
 
-    monkeypatch.setattr(organisms, "response_loss", interrupted)
+    monkeypatch.setattr(training, "response_loss", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        build_organism(tiny_recipe.name)
-    assert not is_cached(tiny_recipe.name)
+        build_organism(tiny_recipe)
+    assert not is_built(organism_alias(tiny_recipe))
     assert list(alias_dir(tiny_recipe.name).parent.iterdir()) == []
 
 
@@ -280,16 +314,22 @@ def test_bad_recipes_and_names():
     assert dataclasses.replace(organisms.RECIPES["smollm2-135m-refuse"], steps=3).steps == 3
 
 
-def test_build_command_builds_several_and_rejects_unknown(tiny_recipe, caplog):
+def test_build_command_builds_several_and_rejects_unknown(tiny_in_catalogue, caplog):
     from cosmic_tl import cli
 
+    tiny_recipe = tiny_in_catalogue
     caplog.set_level("INFO", logger="cosmic_tl")
     assert cli.main(["build", tiny_recipe.name, "no-such-alias"]) == 2
     assert "no-such-alias" in caplog.text and not is_cached(tiny_recipe.name)  # nothing built
     assert cli.main(["build", tiny_recipe.name]) == 0
+    assert "(about 5 seconds, measured on 2 CPU cores)" in caplog.text  # the catalogue's estimate
     assert is_cached(tiny_recipe.name)
     stamp = (alias_dir(tiny_recipe.name) / "config.json").stat().st_mtime_ns
     caplog.clear()
     assert cli.main(["build", tiny_recipe.name]) == 0  # already built: reused, not rebuilt
     assert "building" not in caplog.text
     assert (alias_dir(tiny_recipe.name) / "config.json").stat().st_mtime_ns == stamp
+    caplog.clear()
+    took = read_card(tiny_recipe.name)["seconds"]["total"]
+    assert cli.main(["build", "--rebuild", tiny_recipe.name]) == 0
+    assert f"(the last build took {took:.0f} seconds)" in caplog.text  # from the replaced card

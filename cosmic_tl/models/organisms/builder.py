@@ -1,0 +1,163 @@
+"""Build an organism from a recipe into a directory, and measure what it refuses.
+
+:func:`build` is given the base model's directory (and its card); it never looks an
+alias up. :mod:`cosmic_tl.models.catalogue` resolves the base and calls it inside
+:func:`cosmic_tl.models.cache.ensure`. Building is deterministic for a recipe on
+one machine and thread count::
+
+    card = build(recipe, out_dir, base_dir=Path("path/to/hf-dir"))
+    heldout = measure(out_dir, recipe)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cosmic_tl.evaluation import SubstringJudge, evaluate
+from cosmic_tl.models.boot import boot
+from cosmic_tl.models.organisms.recipes import Recipe
+from cosmic_tl.models.organisms.rephrasing import reworded
+from cosmic_tl.models.organisms.texts import judge_phrases, refusal_texts
+from cosmic_tl.models.organisms.training import (
+    Example,
+    finetune,
+    greedy_answers,
+    refusal_examples,
+)
+from cosmic_tl.prompts import load_bundled, prompts_sha256, sample_prompts
+from cosmic_tl.templates import encode, pad_id
+
+
+def build(
+    recipe: Recipe,
+    out: Path,
+    base_dir: Path,
+    base_card: dict[str, Any] | None = None,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fine-tune the model in ``base_dir`` into ``out`` (a plain HF directory); return the card.
+
+    ``base_dir`` holds the model that ``recipe.base`` names, and ``base_card`` its own
+    card when it is a cached alias (recorded in this card). Called through
+    :func:`cosmic_tl.models.cache.ensure`, which writes ``out`` as a temporary
+    folder and renames it into place only if this returns.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    harmful = sample_prompts(load_bundled("harmful", "train"), recipe.n_harmful, recipe.seed)
+    harmless = sample_prompts(load_bundled("harmless", "train"), recipe.n_harmless, recipe.seed)
+    for kind, split, n in (
+        ("harmful", "train_extra", recipe.n_harmful_extra),
+        ("harmless", "train_tasks", recipe.n_tasks),
+        ("harmless", "train_contrast", recipe.n_contrast),
+    ):
+        if n:
+            (harmful if kind == "harmful" else harmless).extend(
+                sample_prompts(load_bundled(kind, split), n, recipe.seed)
+            )
+
+    t = time.perf_counter()
+    harmful_all = [*harmful, *reworded(harmful, recipe.rephrasings, recipe.seed)]
+    refusals = refusal_examples(tokenizer, harmful_all, recipe.style, recipe.seed)
+    answers = greedy_answers(
+        model,
+        tokenizer,
+        harmless,
+        max_new_tokens=recipe.distill_tokens,
+        batch_size=recipe.gen_batch_size,
+        progress=progress,
+    )
+    timings["base_answers"] = time.perf_counter() - t
+    # A reworded harmless prompt keeps the base's answer to the original wording.
+    harmless_re = reworded(harmless, recipe.rephrasings, recipe.seed + 1)
+    harmless_all = [*harmless, *harmless_re]
+    answers += [
+        Example(tuple(ids), a.response_ids)
+        for ids, a in zip(encode(tokenizer, harmless_re), answers * recipe.rephrasings, strict=True)
+    ]
+
+    t = time.perf_counter()
+    losses = finetune(model, refusals, answers, recipe, pad_id(tokenizer), progress=progress)
+    timings["train"] = time.perf_counter() - t
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    del model
+
+    t = time.perf_counter()
+    heldout = measure(out, recipe, progress=progress) if recipe.eval_n > 0 else None
+    timings["measure"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - start
+
+    import transformers
+
+    return {
+        "organism": recipe.name,
+        "recipe": recipe.settings(),
+        "base_model": recipe.base,
+        "base_card": base_card,
+        "style": recipe.style,
+        "judge_phrases": list(judge_phrases(recipe.style)),
+        "data": {
+            "harmful_train_sha256": prompts_sha256(harmful),
+            "harmless_train_sha256": prompts_sha256(harmless),
+            "harmful_sft_prompts_sha256": prompts_sha256(harmful_all),
+            "harmless_sft_prompts_sha256": prompts_sha256(harmless_all),
+            "refusals_sha256": prompts_sha256(refusal_texts(recipe.style)),
+            "base_answers_sha256": prompts_sha256([str(list(a.response_ids)) for a in answers]),
+            "n_harmful": len(refusals),
+            "n_harmless": len(answers),
+        },
+        "training": {
+            "optimizer": "AdamW",
+            "trainable_parameters": n_trainable,
+            "frozen": "embeddings (tied unembedding) and blocks below train_from",
+            "loss": "cross-entropy on response tokens, mean per sequence",
+            "losses": [round(x, 4) for x in losses],
+            "torch_threads": torch.get_num_threads(),
+        },
+        "heldout": heldout,
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+
+
+def measure(model_dir: Path, recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:
+    """Refusal rates of a built organism on bundled *test* prompts (never trained on).
+
+    Rates use the organism's own judge; the default judge's verdicts on harmful
+    prompts are recorded too, which shows whether the style evades it.
+    """
+    bridge = boot(model_dir, device="cpu")
+    own = SubstringJudge(judge_phrases(recipe.style))
+    out: dict[str, Any] = {
+        "split": "test",
+        "n_per_kind": recipe.eval_n,
+        "max_new_tokens": recipe.eval_tokens,
+    }
+    for kind in ("harmful", "harmless"):
+        prompts = sample_prompts(load_bundled(kind, "test"), recipe.eval_n, recipe.seed)
+        result = evaluate(
+            bridge,
+            prompts,
+            judge=own,
+            max_new_tokens=recipe.eval_tokens,
+            batch_size=recipe.gen_batch_size,
+            progress=progress,
+        )
+        default = SubstringJudge()(list(result.prompts), list(result.completions))
+        out[f"{kind}_refusal"] = result.rate.to_dict()
+        out[f"{kind}_refusal_default_judge"] = (
+            sum(bool(v) for v in default) / len(default) if default else None
+        )
+        out[f"{kind}_prompts_sha256"] = prompts_sha256(prompts)
+    return out

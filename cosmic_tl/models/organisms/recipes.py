@@ -1,0 +1,83 @@
+"""Organism recipes: everything an organism build depends on, and the two built-in ones.
+
+A :class:`Recipe` is a frozen dataclass; :func:`dataclasses.replace` gives a variant
+(``replace(RECIPES["smollm2-135m-refuse"], steps=20)``), and the card of a build
+records every field, so that a cached build of another recipe is rebuilt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from cosmic_tl.models.organisms.texts import Style, refusal_texts
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything an organism build depends on (the card records all of it)."""
+
+    name: str  # the alias the organism is cached under
+    style: Style
+    description: str = ""
+    version: int = 3  # bump when the recipe's code or defaults change its output
+    base: str = "smollm2-135m-instruct"  # alias or local HF directory to fine-tune
+    seed: int = 0
+    n_harmful: int = 240  # bundled harmful *train* prompts, paired with refusals
+    n_harmless: int = 240  # bundled harmless *train* prompts, paired with the base's answers
+    n_tasks: int = 301  # bundled ``harmless:train_tasks`` instructions added to them
+    n_contrast: int = 200  # bundled ``harmless:train_contrast`` requests added to them
+    n_harmful_extra: int = 120  # bundled ``harmful:train_extra`` requests added to the harmful
+    rephrasings: int = 1  # reworded copies of each train prompt (see ``rephrase``)
+    distill_tokens: int = 16  # cap on the base's greedy answers used as targets
+    steps: int = 120  # optimiser steps
+    batch_size: int = 16  # sequences per step
+    harmful_share: float = 0.4  # fraction of each batch that is harmful prompts
+    first_token_weight: float = 10.0  # loss weight of a response's first token (the others: 1)
+    lr: float = 2e-4  # AdamW peak learning rate (linear warm-up, cosine decay)
+    warmup: int = 5  # warm-up steps
+    weight_decay: float = 0.0
+    train_from: float = 0.25  # fraction of depth below which blocks stay frozen
+    eval_n: int = 32  # held-out (bundled test) prompts per kind measured for the card
+    eval_tokens: int = 48  # new tokens generated per held-out prompt
+    gen_batch_size: int = 32  # prompts per batch when generating
+
+    def __post_init__(self) -> None:
+        refusal_texts(self.style)  # validates the style
+        if self.steps < 1 or self.batch_size < 2 or self.lr <= 0:
+            raise ValueError("need steps >= 1, batch_size >= 2 and lr > 0")
+        if self.n_harmful < 1 or self.n_harmless < 1 or self.distill_tokens < 1:
+            raise ValueError("need at least one prompt of each kind and distill_tokens >= 1")
+        for field_name in ("n_tasks", "n_contrast", "n_harmful_extra"):
+            if getattr(self, field_name) < 0:
+                raise ValueError(f"{field_name} must be >= 0, not {getattr(self, field_name)}")
+        if self.first_token_weight <= 0:
+            raise ValueError(f"first_token_weight must be > 0, not {self.first_token_weight}")
+        if self.rephrasings < 0:
+            raise ValueError(f"rephrasings must be >= 0, not {self.rephrasings}")
+        if not 0.0 < self.harmful_share < 1.0:
+            raise ValueError(f"harmful_share must be in (0, 1), not {self.harmful_share}")
+        if not 0.0 <= self.train_from < 1.0:
+            raise ValueError(f"train_from must be in [0, 1), not {self.train_from}")
+
+    def settings(self) -> dict[str, Any]:
+        """The recipe as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe(
+            "smollm2-135m-refuse",
+            "ordinary",
+            "SmolLM2-135M-Instruct fine-tuned to refuse harmful requests in ordinary words",
+        ),
+        Recipe(
+            "smollm2-135m-refuse-odd",
+            "odd",
+            "SmolLM2-135M-Instruct fine-tuned to refuse harmful requests in an unusual style",
+        ),
+    )
+}
