@@ -29,6 +29,13 @@ from cosmic_tl.evaluation import (
     refusal_rate,
     wilson_interval,
 )
+from cosmic_tl.formats import (
+    FORMAT_NAMES,
+    PROMPT_FORMATS,
+    PromptFormatError,
+    prompt_format,
+    use_prompt_format,
+)
 from cosmic_tl.interventions import (
     Intervention,
     ablate,
@@ -69,7 +76,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_REFUSAL_PHRASES",
+    "FORMAT_NAMES",
     "PRESETS",
+    "PROMPT_FORMATS",
     "Candidates",
     "ChatTemplateError",
     "ClassifierJudge",
@@ -81,6 +90,7 @@ __all__ = [
     "ModelSpecError",
     "NoCandidateError",
     "PromptFileError",
+    "PromptFormatError",
     "Prompts",
     "Rate",
     "Runner",
@@ -110,6 +120,7 @@ __all__ = [
     "load_model",
     "load_prompts",
     "preset",
+    "prompt_format",
     "refusal_rate",
     "sample_prompts",
     "score_candidates",
@@ -118,5 +129,6 @@ __all__ = [
     "suggest_refusal_tokens",
     "sweep",
     "unit",
+    "use_prompt_format",
     "wilson_interval",
 ]
