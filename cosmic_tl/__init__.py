@@ -52,6 +52,7 @@ from cosmic_tl.prompts import (
     clean_prompts,
     load_bundled,
     load_prompts,
+    reference_sample,
     sample_prompts,
 )
 from cosmic_tl.scoring import Scores, default_refusal_tokens, encode_refusal_tokens
@@ -121,6 +122,7 @@ __all__ = [
     "load_prompts",
     "preset",
     "prompt_format",
+    "reference_sample",
     "refusal_rate",
     "sample_prompts",
     "score_candidates",
