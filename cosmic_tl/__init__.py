@@ -30,6 +30,13 @@ from cosmic_tl.evaluation import (
     refusal_rate,
     wilson_interval,
 )
+from cosmic_tl.formats import (
+    FORMAT_NAMES,
+    PROMPT_FORMATS,
+    PromptFormatError,
+    prompt_format,
+    use_prompt_format,
+)
 from cosmic_tl.interventions import (
     Intervention,
     ablate,
@@ -46,6 +53,7 @@ from cosmic_tl.prompts import (
     clean_prompts,
     load_bundled,
     load_prompts,
+    reference_sample,
     sample_prompts,
 )
 from cosmic_tl.scoring import Scores, default_refusal_tokens, encode_refusal_tokens
@@ -69,7 +77,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_REFUSAL_PHRASES",
+    "FORMAT_NAMES",
     "PRESETS",
+    "PROMPT_FORMATS",
     "Candidates",
     "ChatTemplateError",
     "ClassifierJudge",
@@ -81,6 +91,7 @@ __all__ = [
     "ModelSpecError",
     "NoCandidateError",
     "PromptFileError",
+    "PromptFormatError",
     "Prompts",
     "Rate",
     "Runner",
@@ -110,6 +121,8 @@ __all__ = [
     "load_model",
     "load_prompts",
     "preset",
+    "prompt_format",
+    "reference_sample",
     "refusal_rate",
     "sample_prompts",
     "score_candidates",
@@ -119,5 +132,6 @@ __all__ = [
     "suggest_refusal_tokens",
     "sweep",
     "unit",
+    "use_prompt_format",
     "wilson_interval",
 ]

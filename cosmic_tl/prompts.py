@@ -151,6 +151,52 @@ def sample_prompts(prompts: Sequence[str], n: int | None, seed: int) -> list[str
     return random.Random(seed).sample(list(prompts), k)
 
 
+def reference_sample(
+    harmful_train: Sequence[str],
+    harmless_train: Sequence[str],
+    harmful_val: Sequence[str],
+    harmless_val: Sequence[str],
+    *,
+    n_train: int,
+    n_val: int,
+    seed: int = 42,
+) -> tuple[list[str], list[str], list[str], list[str]]:
+    """Draw the four prompt sets exactly as the published COSMIC pipeline does.
+
+    The published code calls ``random.seed(42)`` once, then ``random.sample`` four times
+    on that one stream: harmful_train (``n_train``), harmless_train (``n_train``),
+    harmful_val (``n_val``), harmless_val (``n_val``), in that order. Each draw moves the
+    stream on, so sampling each set from its own seeded generator (as
+    :func:`sample_prompts` does) gives other lists. One private ``random.Random(seed)``
+    plays that stream here, leaving the global ``random`` state alone.
+
+    Pass the sets as the published loader gives them: every record's ``instruction`` in
+    file order, not cleaned (dropping or reordering prompts changes what is drawn).
+    The draws are CPython's Mersenne Twister and its ``random.sample`` algorithm; Python
+    promises only ``random()`` to be stable across versions, but ``sample`` has not
+    changed since 3.2 (the tests pin a hard-coded draw to notice if it does).
+
+    Raises :class:`PromptFileError` if a set has fewer prompts than asked for (the
+    published code would fail there too).
+    """
+    draws = (
+        ("harmful_train", harmful_train, n_train),
+        ("harmless_train", harmless_train, n_train),
+        ("harmful_val", harmful_val, n_val),
+        ("harmless_val", harmless_val, n_val),
+    )
+    rng = random.Random(seed)
+    out: list[list[str]] = []
+    for label, population, n in draws:
+        if not 1 <= n <= len(population):
+            raise PromptFileError(
+                f"cannot sample {n} prompts from {label}, which has {len(population)}; "
+                "expected 1 to that many"
+            )
+        out.append(rng.sample(list(population), n))
+    return out[0], out[1], out[2], out[3]
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """Return the hex SHA-256 of a file's bytes, read in chunks."""
     digest = hashlib.sha256()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import random
 import re
@@ -24,6 +25,7 @@ from cosmic_tl.prompts import (
     load_bundled_records,
     load_prompts,
     prompts_sha256,
+    reference_sample,
     sample_prompts,
 )
 
@@ -488,6 +490,71 @@ def test_sampling_rejects_non_positive_n(n: int) -> None:
 def test_sampling_empty() -> None:
     with pytest.raises(PromptFileError, match="empty"):
         sample_prompts([], None, seed=0)
+
+
+# --- the published pipeline's sampling -------------------------------------------------
+
+# Small sets; harmless_train is large enough (400 > 21) that random.sample takes its
+# set-based branch, the others its pool branch, as with the real splits.
+_SETS = (
+    [f"harmful {i}" for i in range(10)],
+    [f"harmless {i}" for i in range(400)],
+    [f"harmful val {i}" for i in range(8)],
+    [f"harmless val {i}" for i in range(30)],
+)
+
+
+def test_reference_sample_is_one_stream_in_the_published_order() -> None:
+    rng = random.Random(42)  # the published random.seed(42), on a private generator
+    expected = (
+        rng.sample(_SETS[0], 3),
+        rng.sample(_SETS[1], 3),
+        rng.sample(_SETS[2], 2),
+        rng.sample(_SETS[3], 2),
+    )
+    assert reference_sample(*_SETS, n_train=3, n_val=2) == expected
+    # The other order of draws, or a generator per set, gives other lists.
+    assert reference_sample(*_SETS, n_train=3, n_val=2)[1] != random.Random(42).sample(_SETS[1], 3)
+
+
+def test_reference_sample_pinned_draw() -> None:
+    """Computed once with CPython 3.11's ``random.seed(42)`` and four ``random.sample``
+    calls (Mersenne Twister plus ``sample``'s algorithm, unchanged since 3.2); this fails
+    if a Python release ever changes them."""
+    assert reference_sample(*_SETS, n_train=3, n_val=2, seed=42) == (
+        ["harmful 1", "harmful 0", "harmful 4"],
+        ["harmless 125", "harmless 114", "harmless 71"],
+        ["harmful val 1", "harmful val 5"],
+        ["harmless val 23", "harmless val 28"],
+    )
+
+
+def test_reference_sample_leaves_global_random_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The tests wrap cosmic_tl in beartype (conftest), whose container checks draw from
+    # the global generator; unwrap to look at the function itself.
+    plain = inspect.unwrap(reference_sample)
+    random.seed(1234)
+    state = random.getstate()
+    monkeypatch.setattr(random, "seed", lambda *_: pytest.fail("reference_sample reseeded random"))
+    first = plain(*_SETS, n_train=3, n_val=2)
+    assert random.getstate() == state
+    random.random()  # nor does it depend on the global state
+    assert plain(*_SETS, n_train=3, n_val=2) == first
+
+
+def test_reference_sample_does_not_modify_its_inputs() -> None:
+    sets = tuple(list(s) for s in _SETS)
+    reference_sample(*sets, n_train=3, n_val=2)
+    assert sets == _SETS
+
+
+@pytest.mark.parametrize(
+    ("n_train", "n_val", "label"),
+    [(11, 2, "harmful_train"), (3, 9, "harmful_val"), (0, 2, "harmful_train")],
+)
+def test_reference_sample_rejects_impossible_sizes(n_train: int, n_val: int, label: str) -> None:
+    with pytest.raises(PromptFileError, match=f"from {label}, which has"):
+        reference_sample(*_SETS, n_train=n_train, n_val=n_val)
 
 
 def test_hashes(tmp_path: Path) -> None:
