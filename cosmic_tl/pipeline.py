@@ -35,15 +35,17 @@ from cosmic_tl.export import save_direction
 from cosmic_tl.interventions import Kind
 from cosmic_tl.models import load_model, read_card, resolve_spec
 from cosmic_tl.prompts import clean_prompts, load_prompts, prompts_sha256, sample_prompts
-from cosmic_tl.rundir import METHODS, MethodMetrics, RunDir, RunMetrics
-from cosmic_tl.scoring import Scores, encode_refusal_tokens, refusal_score
-from cosmic_tl.selection import (
-    NoCandidateError,
-    Selection,
-    select_cosmic,
-    select_refusal_tokens,
+from cosmic_tl.rundir import (
+    MethodMetrics,
+    RunDir,
+    RunMetrics,
+    filtered_method,
+    filtering,
+    run_methods,
 )
-from cosmic_tl.store import write_json
+from cosmic_tl.scoring import Scores, encode_refusal_tokens, refusal_score
+from cosmic_tl.selection import SELECT, NoCandidateError, Selection
+from cosmic_tl.store import read_json, write_json
 from cosmic_tl.sweep import resolve_refusal_tokens, score_candidates
 from cosmic_tl.templates import Prompts, chat_prompts, context_length
 
@@ -57,8 +59,9 @@ SETS = (
     "harmful_test",
     "harmless_test",
 )
-# Bump when the select stage's files change format, so older run directories redo it.
-SELECT_FORMAT = 2
+# Bump when a stage's files change format, so that older run directories redo it.
+SCORES_FORMAT = 2  # 2: Arditi's grids with linear interventions in every mode, norm grid
+SELECT_FORMAT = 3  # 3: one selection per method, comparison.json keyed by baseline
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,8 @@ def filter_by_refusal_score(
     harmless: Prompts,
     token_ids: tuple[int, ...],
     batch_size: int,
+    *,
+    split: str = "val",
 ) -> tuple[Prompts, Prompts]:
     """Arditi's prompt filter: harmful prompts the model refuses (refusal log-odds > 0),
     harmless ones it answers (< 0), on the prompts as formatted (system prompt included)."""
@@ -114,7 +119,7 @@ def filter_by_refusal_score(
         kept.append(prompts.subset([i for i, s in enumerate(score.tolist()) if sign * s > 0]))
     if not len(kept[0]) or not len(kept[1]):
         raise ValueError(
-            f"prompt filtering left {len(kept[0])} harmful and {len(kept[1])} harmless validation "
+            f"prompt filtering left {len(kept[0])} harmful and {len(kept[1])} harmless {split} "
             "prompts; the model does not refuse with these refusal tokens. Turn off --filter-prompts"
         )
     return kept[0], kept[1]
@@ -206,11 +211,76 @@ class Pipeline:
                 batch_size=self.cfg.batch_size,
                 progress=self.progress,
             )
-            c.save(self.dir.candidates)
+            c.save(self.dir.candidates())
 
         self._stage("candidates", [], self.prompts.hash("harmful_train", "harmless_train"), work)
 
-    def _score(self, cands: Candidates, harmful: Prompts, harmless: Prompts, baseline: bool) -> Scores:
+    def filter(self) -> None:
+        """Arditi's prompt filter on the train and val sets (only when it is enabled)."""
+        cfg = self.cfg
+
+        def work() -> dict[str, Any]:
+            names = resolve_refusal_tokens(
+                self.model,
+                cfg.refusal_tokens,
+                self.chat("harmful_val"),
+                self.chat("harmless_val"),
+                cfg.batch_size,
+            )
+            ids = encode_refusal_tokens(self.model.tokenizer, names)
+            kept: dict[str, list[str]] = {}
+            for split in ("train", "val"):
+                h, l_ = self.chat(f"harmful_{split}"), self.chat(f"harmless_{split}")
+                fh, fl = filter_by_refusal_score(self.model, h, l_, ids, cfg.batch_size, split=split)
+                kept[f"harmful_{split}"], kept[f"harmless_{split}"] = (
+                    list(fh.instructions),
+                    list(fl.instructions),
+                )
+            write_json(self.dir.filtered_prompts, {"refusal_tokens": list(names), "sets": kept})
+            return {"kept": {k: len(v) for k, v in kept.items()}}
+
+        sets = ("harmful_train", "harmless_train", "harmful_val", "harmless_val")
+        self._stage("filter", [], self.prompts.hash(*sets), work)
+
+    def _filtered(self) -> tuple[tuple[str, ...], dict[str, Prompts]]:
+        """The filter's refusal tokens and its kept prompts, formatted like the others."""
+        data = read_json(self.dir.filtered_prompts)
+        sets = {
+            name: chat_prompts(
+                self.model.tokenizer,
+                prompts,
+                system=self.cfg.system_prompt,
+                max_len=context_length(self.model),
+            )
+            for name, prompts in data["sets"].items()
+        }
+        return tuple(data["refusal_tokens"]), sets
+
+    def candidates_baseline(self) -> None:
+        """Arditi's baseline's candidates, from the filtered training prompts."""
+        self.filter()
+
+        def work() -> None:
+            _, sets = self._filtered()
+            c = compute_candidates(
+                self.model,
+                sets["harmful_train"],
+                sets["harmless_train"],
+                batch_size=self.cfg.batch_size,
+                progress=self.progress,
+            )
+            c.save(self.dir.candidates(filtered=True))
+
+        self._stage("candidates_baseline", ["filter"], None, work)
+
+    def _score(
+        self,
+        cands: Candidates,
+        harmful: Prompts,
+        harmless: Prompts,
+        baselines: tuple[str, ...],
+        refusal_tokens: tuple[str, ...] | None,
+    ) -> Scores:
         cfg = self.cfg
         return score_candidates(
             self.model,
@@ -220,8 +290,8 @@ class Pipeline:
             mode=cfg.mode,
             alpha=cfg.alpha,
             settings=cfg.selection,
-            baseline=baseline,
-            refusal_tokens=cfg.refusal_tokens,
+            baseline=baselines,
+            refusal_tokens=refusal_tokens,
             full=cfg.full_grids,
             batch_size=cfg.batch_size,
             reuse_prefix=cfg.reuse_prefix,
@@ -231,47 +301,55 @@ class Pipeline:
 
     def scores(self) -> None:
         self.candidates()
+        cfg = self.cfg
+        upstream = ["candidates"]
+        if filtering(cfg):
+            self.candidates_baseline()
+            upstream.append("candidates_baseline")
 
         def work() -> dict[str, Any]:
-            cands = Candidates.load(self.dir.candidates, self.model)
-            cfg = self.cfg
+            cands = Candidates.load(self.dir.candidates(), self.model)
             hv, lv = self.chat("harmful_val"), self.chat("harmless_val")
-            split = cfg.filter_prompts and cfg.baseline
-            s = self._score(cands, hv, lv, baseline=cfg.baseline and not split)
+            baselines = tuple(m for m in run_methods(cfg)[1:] if not filtered_method(m, cfg))
+            s = self._score(cands, hv, lv, baselines, cfg.refusal_tokens)
             s.save(self.dir.scores())
             info: dict[str, Any] = {"gflop": s.stats.get("gflop")}
-            if split:
-                names = resolve_refusal_tokens(self.model, cfg.refusal_tokens, hv, lv, cfg.batch_size)
-                ids = encode_refusal_tokens(self.model.tokenizer, names)
-                fh, fl = filter_by_refusal_score(self.model, hv, lv, ids, cfg.batch_size)
-                b = self._score(cands, fh, fl, baseline=True)
+            if filtering(cfg):
+                names, sets = self._filtered()
+                fc = Candidates.load(self.dir.candidates(filtered=True), self.model)
+                fh, fl = sets["harmful_val"], sets["harmless_val"]
+                b = self._score(fc, fh, fl, ("refusal_tokens",), names)
                 b.save(self.dir.scores(filtered=True))
                 info["filtered_val"] = [len(fh), len(fl)]
             return info
 
-        self._stage("scores", ["candidates"], self.prompts.hash("harmful_val", "harmless_val"), work)
+        extra = {**self.prompts.hash("harmful_val", "harmless_val"), "format": SCORES_FORMAT}
+        self._stage("scores", upstream, extra, work)
 
     def select(self) -> None:
         self.scores()
 
         def work() -> dict[str, Any]:
-            cands = Candidates.load(self.dir.candidates)
             cfg = self.cfg
-            try:
-                cosmic = select_cosmic(
-                    Scores.load(self.dir.scores_for("cosmic", cfg)), cfg.selection, cands
-                )
-            except NoCandidateError as err:
-                cosmic = err.selection
-            cosmic.save(self.dir.selection("cosmic"))
-            info: dict[str, Any] = {"cosmic": cosmic.pick}
-            comparison: dict[str, Any] = {}
-            if cfg.baseline:
-                scores = Scores.load(self.dir.scores_for("refusal_tokens", cfg))
-                base = select_refusal_tokens(scores, cfg.selection, cands)
-                base.save(self.dir.selection("refusal_tokens"))
-                comparison = compare(cosmic, base).to_dict()
-                info["refusal_tokens"] = base.pick
+            info: dict[str, Any] = {}
+            picked: dict[str, Selection] = {}
+            for method in run_methods(cfg):
+                scores = Scores.load(self.dir.scores_for(method, cfg))
+                cands = Candidates.load(self.dir.candidates_for(method, cfg))
+                try:
+                    sel = SELECT[method](scores, cfg.selection, cands)
+                except NoCandidateError as err:
+                    sel = err.selection
+                sel.save(self.dir.selection(method))
+                self.say(sel.message)
+                for warning in sel.warnings:
+                    self.say(f"warning: {method}: {warning}")
+                picked[method] = sel
+                info[method] = sel.pick
+            cosmic = picked["cosmic"]
+            comparison = {
+                m: compare(cosmic, sel).to_dict() for m, sel in picked.items() if m != "cosmic"
+            }
             write_json(self.dir.comparison, comparison)
             if cosmic.found:
                 save_direction(self.dir.direction, cosmic, model=cfg.model, alpha=cfg.alpha)
@@ -318,11 +396,8 @@ class Pipeline:
         harmful_clean = run("harmful_baseline", ht).rate
         harmless_clean = run("harmless_baseline", lt).rate
         methods: dict[str, MethodMetrics] = {}
-        for method in METHODS:
-            path = self.dir.selection(method)
-            if not path.with_suffix(".json").exists():
-                continue
-            sel = Selection.load(path)
+        for method in run_methods(cfg):
+            sel = Selection.load(self.dir.selection(method))
             if not sel.found:
                 methods[method] = MethodMetrics(False, sel.message)
                 continue

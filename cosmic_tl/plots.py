@@ -29,7 +29,19 @@ from cosmic_tl.evaluation import Rate
 from cosmic_tl.scoring import Scores, cosine
 from cosmic_tl.selection import Selection
 
-GRID_NAMES = ("S_abl", "S_add", "S_abl+S_add", "KL", "bypass", "induce")
+GRID_NAMES = (
+    "S_abl",
+    "S_add",
+    "S_abl+S_add",
+    "KL",
+    "bypass",
+    "induce",
+    "KL_linear",
+    "bypass_mode",
+    "induce_mode",
+)
+_LOG_ODDS = ("bypass", "induce", "bypass_mode", "induce_mode")
+_KL = ("KL", "KL_linear")
 NOT_COMPUTED = "not computed (cannot change the pick)"
 KL_FLOOR = 1e-6  # KL is drawn as log10(max(KL, floor)): exact zeros would stretch the scale
 REASONS = {
@@ -38,6 +50,8 @@ REASONS = {
     "nan": "a score is NaN",
     "kl": "KL on harmless prompts above the threshold",
     "induce": "induce score below the threshold",
+    "zero_direction": "zero direction (changes nothing)",
+    "late_last_position": "position −1 at a late layer (l ≥ int(0.6·n))",
 }
 # (symbol, colour) of the discarded-candidate markers, one legend entry per reason.
 REASON_MARKERS = {
@@ -46,10 +60,13 @@ REASON_MARKERS = {
     "nan": ("circle-open", "rgba(0,0,0,0.85)"),
     "kl": ("x", "rgba(0,0,0,0.85)"),
     "induce": ("square-open", "rgba(0,0,0,0.75)"),
+    "zero_direction": ("circle", "rgba(120,120,120,0.6)"),
+    "late_last_position": ("triangle-down", "rgba(60,60,60,0.45)"),
 }
 PICK_STYLE = {  # method → (symbol, colour, short name)
     "cosmic": ("star", "gold", "COSMIC"),
     "refusal_tokens": ("diamond", "magenta", "baseline"),
+    "substring": ("hexagon", "cyan", "substring"),
 }
 TITLES = {
     "S_abl": "S_abl: ablated harmful vs harmless baseline (higher is better)",
@@ -58,6 +75,9 @@ TITLES = {
     "KL": "KL(clean ‖ ablated) on harmless prompts (lower is better)",
     "bypass": "bypass: refusal log-odds, harmful, ablated (lower is better)",
     "induce": "induce: refusal log-odds, harmless, added (higher is better)",
+    "KL_linear": "KL(clean ‖ linearly ablated) on harmless prompts (lower is better)",
+    "bypass_mode": "bypass (mode's interventions): refusal log-odds, harmful, ablated (lower is better)",
+    "induce_mode": "induce (mode's interventions): refusal log-odds, harmless, added (higher is better)",
 }
 
 
@@ -94,7 +114,7 @@ def grid_values(
     if missing:
         raise ValueError(
             f"these scores have no {missing[0]!r} grid"
-            + (" (refusal-token baseline disabled)" if missing[0] in ("bypass", "induce") else "")
+            + (" (refusal-token baseline disabled)" if missing[0] in (*_LOG_ODDS, "KL_linear") else "")
         )
     done = np.logical_and.reduce([scores.computed[p].cpu().numpy() for p in parts])
     values = sum(_masked(scores.grids[p], scores.computed[p]) for p in parts)
@@ -139,7 +159,7 @@ def _clean_cosine(scores: Scores) -> float:
 
 def _colour(scores: Scores, name: str, values: np.ndarray, kl_threshold: float) -> dict[str, Any]:
     """Heatmap z and colour settings for one grid (see :func:`score_heatmap`)."""
-    if name == "KL":
+    if name in _KL:
         with np.errstate(invalid="ignore"):
             z = np.log10(np.maximum(values, KL_FLOOR))
         finite = z[np.isfinite(z)]
@@ -155,7 +175,7 @@ def _colour(scores: Scores, name: str, values: np.ndarray, kl_threshold: float) 
                 "ticktext": [f"1e{t}" for t in ticks],
             },
         }
-    if name in ("bypass", "induce"):
+    if name in _LOG_ODDS:
         return {"z": values, "colorscale": "RdBu_r", "zmid": 0.0, "colorbar": {"title": {"text": name}}}
     clean = _clean_cosine(scores) * (2 if name == "S_abl+S_add" else 1)
     return {"z": values, "colorscale": "BrBG", "zmid": clean, "colorbar": {"title": {"text": name}}}
@@ -460,13 +480,15 @@ def summary_figures(
     cosmic: Selection | None = None,
     baseline: Selection | None = None,
     baseline_scores: Scores | None = None,
+    substring: Selection | None = None,
 ) -> dict[str, go.Figure]:
     """Every figure that applies to these results, keyed by a file-friendly name.
 
     Keys: ``layer_cosines``, ``heatmap_cosmic_ranking``, ``heatmap_s_abl``,
     ``heatmap_s_add``, ``heatmap_kl`` and, with baseline grids (in ``scores``, or in
     ``baseline_scores`` when the baseline was scored apart), ``heatmap_bypass``,
-    ``heatmap_induce`` and (given a COSMIC selection) ``comparison``.
+    ``heatmap_induce`` and (given a COSMIC selection) ``comparison``; with a substring
+    selection, ``heatmap_bypass_mode``.
     """
     figs = {
         "layer_cosines": layer_cosine_curve(scores),
@@ -475,6 +497,8 @@ def summary_figures(
         "heatmap_s_add": score_heatmap(scores, "S_add", selection=cosmic, show_discarded=False),
         "heatmap_kl": score_heatmap(scores, "KL", selection=cosmic),
     }
+    if substring is not None and "bypass_mode" in scores.grids:
+        figs["heatmap_bypass_mode"] = score_heatmap(scores, "bypass_mode", selection=substring)
     bs = baseline_scores if baseline_scores is not None else scores
     if "bypass" in bs.grids and "induce" in bs.grids:
         figs["heatmap_bypass"] = score_heatmap(bs, "bypass", selection=baseline)

@@ -11,11 +11,16 @@ from plotly.offline import get_plotlyjs
 
 from cosmic_tl.config import Config
 from cosmic_tl.evaluation import Rate
-from cosmic_tl.rundir import RunDir, RunMetrics, relative_links
+from cosmic_tl.rundir import RunDir, RunMetrics, relative_links, run_methods
 from cosmic_tl.scoring import Scores
 from cosmic_tl.selection import Selection
 from cosmic_tl.store import atomic_write_bytes, read_json
 
+METHOD_LABELS = {
+    "cosmic": "COSMIC",
+    "refusal_tokens": "refusal-token baseline (Arditi et al.)",
+    "substring": "substring baseline (COSMIC paper)",
+}
 CSS = """
 body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}
@@ -45,10 +50,11 @@ def render(dir_: RunDir, cfg: Config) -> str:
     """The report's HTML text for a run directory."""
     from cosmic_tl.plots import refusal_bars, summary_figures
 
+    methods = run_methods(cfg)
     scores: Scores | None = _load(dir_.scores_for("cosmic", cfg), Scores)
     base_scores: Scores | None = _load(dir_.scores_for("refusal_tokens", cfg), Scores)
-    cosmic: Selection | None = _load(dir_.selection("cosmic"), Selection)
-    base: Selection | None = _load(dir_.selection("refusal_tokens"), Selection)
+    picks: dict[str, Selection | None] = {m: _load(dir_.selection(m), Selection) for m in methods}
+    cosmic, base = picks.get("cosmic"), picks.get("refusal_tokens")
     metrics = RunMetrics.load(dir_.metrics) if dir_.metrics.exists() else None
     comparison = dict(read_json(dir_.comparison)) if dir_.comparison.exists() else {}
     parts = [f"<h1>cosmic_tl run: {_esc(cfg.model)}</h1>"]
@@ -57,7 +63,7 @@ def render(dir_: RunDir, cfg: Config) -> str:
         ("mode", _esc(cfg.mode.upper())),
         ("prompts (train / val / test per set)", f"{cfg.n_train} / {cfg.n_val} / {cfg.n_test}"),
     ]
-    for sel, label in ((cosmic, "COSMIC pick"), (base, "refusal-token baseline pick")):
+    for method, sel in picks.items():
         if sel is None:
             continue
         text = (
@@ -65,13 +71,27 @@ def render(dir_: RunDir, cfg: Config) -> str:
             if sel.found
             else f"<span class=warn>none: {_esc(sel.message)}</span>"
         )
-        summary.append((label, text))
-    if comparison:
-        summary.append(("same pick", _esc(comparison.get("same_pick"))))
-        if comparison.get("direction_cosine") is not None:
+        text += "".join(f"<br><span class=warn>warning: {_esc(w)}</span>" for w in sel.warnings)
+        summary.append((f"{METHOD_LABELS.get(method, method)} pick", text))
+    for method, c in comparison.items():
+        if not isinstance(c, dict):
+            continue
+        label = METHOD_LABELS.get(method, method)
+        summary.append((f"COSMIC vs {label}: same pick", _esc(c.get("same_pick"))))
+        if c.get("direction_cosine") is not None:
             summary.append(
-                ("cosine between the two directions", f"{comparison['direction_cosine']:.3f}")
+                (f"COSMIC vs {label}: cosine of the directions", f"{c['direction_cosine']:.3f}")
             )
+        for key, who in (
+            ("cosmic_rank_under_baseline", "COSMIC's pick"),
+            ("baseline_rank_under_cosmic", "its pick"),
+        ):
+            among = c.get("cosmic_rank_among" if key.startswith("cosmic") else "baseline_rank_among")
+            if c.get(key) is not None:
+                score = label if key.startswith("cosmic") else "COSMIC"
+                summary.append(
+                    (f"COSMIC vs {label}: rank of {who} under {score}'s score", f"{c[key]} of {among}")
+                )
     summary.append(("stage timings (s)", _esc(json.dumps(dir_.timings()))))
     parts.append("<h2>Summary</h2>" + _table(summary))
     if metrics is not None:
@@ -91,7 +111,11 @@ def render(dir_: RunDir, cfg: Config) -> str:
                 (f"{method}: KL on harmless", _esc(m.kl)),
             ]
         parts.append("<h2>Evaluation (refusal rates, Wilson 95% intervals)</h2>" + _table(rows))
-    figures = summary_figures(scores, cosmic, base, base_scores) if scores is not None else {}
+    figures = (
+        summary_figures(scores, cosmic, base, base_scores, picks.get("substring"))
+        if scores is not None
+        else {}
+    )
     if metrics is not None:
         bars = {
             "harmful, no intervention": metrics.harmful_clean,

@@ -32,6 +32,7 @@ from typing import Any
 
 from cosmic_tl.config import Config
 from cosmic_tl.evaluation import Rate
+from cosmic_tl.selection import METHODS
 from cosmic_tl.store import read_json, record_paths, write_json
 
 log = logging.getLogger("cosmic_tl")
@@ -39,20 +40,22 @@ log = logging.getLogger("cosmic_tl")
 # The settings each stage reads (beside its upstream stages' keys).
 STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "candidates": ("model", "system_prompt", "dtype", "n_train", "seed"),
+    "filter": ("model", "system_prompt", "dtype", "n_train", "n_val", "seed", "refusal_tokens"),
+    "candidates_baseline": (),
     "scores": (
         "mode",
         "alpha",
         "n_val",
         "baseline",
+        "baselines",
         "refusal_tokens",
         "filter_prompts",
         "full_grids",
         "selection",
     ),
-    "select": ("selection",),
+    "select": ("selection", "baseline", "baselines"),
     "evaluate": ("n_test", "max_new_tokens"),
 }
-METHODS = ("cosmic", "refusal_tokens")  # the selection methods a run directory can hold
 LOCK = ".lock"
 
 
@@ -96,10 +99,16 @@ class RunDir:
     def stages(self) -> Path:
         return self.root / "stages.json"
 
+    def candidates(self, *, filtered: bool = False) -> Path:
+        """The candidates record (``.safetensors`` + ``.json``); ``filtered``: those of
+        Arditi's baseline, from the filtered training prompts."""
+        return self.root / ("candidates_baseline" if filtered else "candidates")
+
     @property
-    def candidates(self) -> Path:
-        """The candidates record (``.safetensors`` + ``.json``)."""
-        return self.root / "candidates"
+    def filtered_prompts(self) -> Path:
+        """Arditi's prompt filter's output: the kept prompts of the four sets, and the
+        refusal tokens it used."""
+        return self.root / "filtered_prompts.json"
 
     def scores(self, *, filtered: bool = False) -> Path:
         """The scores record; ``filtered``: the baseline's, on the filtered prompts."""
@@ -107,8 +116,11 @@ class RunDir:
 
     def scores_for(self, method: str, cfg: Config) -> Path:
         """The scores record that ``method``'s selection is made from in a run of ``cfg``."""
-        filtered = method == "refusal_tokens" and cfg.filter_prompts and cfg.baseline
-        return self.scores(filtered=filtered)
+        return self.scores(filtered=filtered_method(method, cfg))
+
+    def candidates_for(self, method: str, cfg: Config) -> Path:
+        """The candidates whose directions ``method``'s pick is taken from."""
+        return self.candidates(filtered=filtered_method(method, cfg))
 
     def selection(self, method: str) -> Path:
         """``method``'s selection record."""
@@ -144,15 +156,17 @@ class RunDir:
         """The files a finished ``stage`` of a run of ``cfg`` has written."""
         records: list[Path] = []
         if stage == "candidates":
-            records = [self.candidates]
+            records = [self.candidates()]
+        elif stage == "filter":
+            return [self.filtered_prompts]
+        elif stage == "candidates_baseline":
+            records = [self.candidates(filtered=True)]
         elif stage == "scores":
             records = [self.scores()]
-            if cfg.filter_prompts and cfg.baseline:
+            if filtering(cfg):
                 records.append(self.scores(filtered=True))
         elif stage == "select":
-            records = [self.selection("cosmic")]
-            if cfg.baseline:
-                records.append(self.selection("refusal_tokens"))
+            records = [self.selection(m) for m in run_methods(cfg)]
             return [p for r in records for p in record_paths(r)] + [self.comparison]
         elif stage == "evaluate":
             return [self.metrics]
@@ -276,6 +290,21 @@ class RunDir:
 
     def timings(self) -> dict[str, float]:
         return {k: float(v.get("seconds", 0.0)) for k, v in self._records().items()}
+
+
+def run_methods(cfg: Config) -> tuple[str, ...]:
+    """The selection methods a run of ``cfg`` makes: COSMIC and its baselines."""
+    return ("cosmic", *(cfg.baselines if cfg.baseline else ()))
+
+
+def filtering(cfg: Config) -> bool:
+    """Whether Arditi's prompt filter runs (it serves his baseline only)."""
+    return cfg.filter_prompts and "refusal_tokens" in run_methods(cfg)
+
+
+def filtered_method(method: str, cfg: Config) -> bool:
+    """Whether ``method`` works on the filtered prompts in a run of ``cfg``."""
+    return method == "refusal_tokens" and filtering(cfg)
 
 
 def relative_links(root: Path) -> list[str]:

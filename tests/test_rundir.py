@@ -163,7 +163,7 @@ def test_filter_uses_the_resolved_refusal_tokens(filtered_run, tiny):
     out, seen = filtered_run
     tokens = json.loads((out / "scores_baseline.json").read_text())["refusal_tokens"]
     assert tokens and tokens != ["auto"]
-    assert len(seen) == 2
+    assert len(seen) == 4  # train and val, harmful then harmless
     assert all(ids == encode_refusal_tokens(tiny.tokenizer, tokens) for _, ids in seen)
 
 
@@ -172,7 +172,8 @@ def test_filter_sees_the_prompts_with_the_system_prompt(filtered_run, tiny, tiny
     cfg = Config.from_dict(json.loads((out / "config.json").read_text()))
     assert cfg.system_prompt == SYSTEM
     val = pipeline_mod.load_run_prompts(cfg)
-    for (logits, _), name in zip(seen, ("harmful_val", "harmless_val"), strict=True):
+    names = ("harmful_train", "harmless_train", "harmful_val", "harmless_val")
+    for (logits, _), name in zip(seen, names, strict=True):
         prompts = chat_prompts(tiny.tokenizer, val[name], system=SYSTEM)
         expected = Runner(tiny, prompts, batch_size=4, share_prefix=False).clean.logits
         assert expected is not None
