@@ -15,6 +15,11 @@ Mode = Literal["ace", "lce"]
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 # The refusal-token baselines a run can put beside COSMIC (cosmic_tl.selection).
 BASELINE_METHODS = ("refusal_tokens", "substring")
+# Prompt formats (cosmic_tl.formats): the tokenizer's own template, the published choice
+# for the model's family, or one published format by name.
+PROMPT_FORMAT_CHOICES = ("chat_template", "auto", "llama3", "qwen", "gemma", "llama2", "yi")
+Sampling = Literal["per_set", "reference"]
+Placement = Literal["residual", "published"]
 
 
 class ConfigError(ValueError):
@@ -134,6 +139,31 @@ class Config:
         default=True,
         metadata={"help": "compute the tokens all prompts start with (system turn) once per pass"},
     )
+    prompt_format: str = field(
+        default="chat_template",
+        metadata={
+            "help": "chat_template (the tokenizer's own), auto (the published format for the "
+            "model's family), or one of llama3, qwen, gemma, llama2, yi"
+        },
+    )
+    sampling: Sampling = field(
+        default="per_set",
+        metadata={
+            "help": "per_set: each prompt set sampled with its own seeded generator; reference: "
+            "the published pipeline's one random.seed stream over the four train/val sets"
+        },
+    )
+    inplace_addition: bool = field(
+        default=False,
+        metadata={"help": "LCE S_add as the published in-place hook reads it (seen at layer l-1 too)"},
+    )
+    ablation_placement: Placement = field(
+        default="residual",
+        metadata={
+            "help": "LCE ablation on post-norm models: residual (what is added to the stream) "
+            "or published (sub-layer outputs before the post-norms)"
+        },
+    )
     dtype: str = field(default="float32", metadata={"help": "float32, float16 or bfloat16"})
     device: str | None = field(default=None, metadata={"help": "cpu, cuda, ...; unset = auto"})
     selection: SelectionSettings = field(default_factory=SelectionSettings)
@@ -158,6 +188,22 @@ class Config:
             "baselines",
             self.baselines,
             f"some of {BASELINE_METHODS}",
+        )
+        _check(
+            self.prompt_format in PROMPT_FORMAT_CHOICES,
+            "prompt_format",
+            self.prompt_format,
+            f"one of {', '.join(PROMPT_FORMAT_CHOICES)}",
+        )
+        _check(
+            self.sampling in ("per_set", "reference"), "sampling", self.sampling, "per_set or reference"
+        )
+        placements = ("residual", "published")
+        _check(
+            self.ablation_placement in placements,
+            "ablation_placement",
+            self.ablation_placement,
+            "residual or published",
         )
         _check(bool(self.model), "model", self.model, "a model alias, directory or hub name")
 
@@ -193,11 +239,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {},
     "paper": {"n_train": 180, "n_val": 100, "n_test": 512, "max_new_tokens": 512},
     "arditi": {"n_train": 128, "n_val": 32, "n_test": 100, "max_new_tokens": 512},
+    # The published COSMIC pipeline as it runs (cosmic-method.md §4d), at the paper's sizes.
+    "reference": {
+        "n_train": 180,
+        "n_val": 100,
+        "n_test": 512,
+        "max_new_tokens": 512,
+        "prompt_format": "auto",
+        "sampling": "reference",
+        "inplace_addition": True,
+        "ablation_placement": "published",
+    },
 }
 
 
 def preset(name: str, **overrides: Any) -> Config:
-    """The named preset (``cpu``, ``paper``, ``arditi``) with optional overrides."""
+    """The named preset (``cpu``, ``paper``, ``arditi``, ``reference``) with optional overrides."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return Config().replace(**{**PRESETS[name], **overrides})

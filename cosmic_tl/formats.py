@@ -151,6 +151,20 @@ PROMPT_FORMATS: dict[str, str] = {name: _template(name, fmt) for name, fmt in _F
 FORMAT_NAMES: tuple[str, ...] = (TOKENIZER_TEMPLATE, *PROMPT_FORMATS)
 
 
+# The published code's hard-coded format per model family; other families use the
+# tokenizer's own chat template (as the published code does for them).
+FAMILY_FORMATS = {"llama-3": "llama3", "qwen": "qwen", "gemma": "gemma", "llama-2": "llama2", "yi": "yi"}
+
+
+def published_format_for(model_name: str) -> str:
+    """The prompt format the published code uses for a model of this name (``"auto"``):
+    the family's hard-coded format, else ``"chat_template"``."""
+    from cosmic_tl.scoring import family_of
+
+    family = family_of(model_name)
+    return FAMILY_FORMATS.get(family, TOKENIZER_TEMPLATE) if family else TOKENIZER_TEMPLATE
+
+
 def _known() -> str:
     return ", ".join(repr(n) for n in FORMAT_NAMES)
 

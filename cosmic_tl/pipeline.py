@@ -32,9 +32,16 @@ from cosmic_tl.evaluation import (
     save_completions,
 )
 from cosmic_tl.export import save_direction
+from cosmic_tl.formats import TOKENIZER_TEMPLATE, published_format_for, use_prompt_format
 from cosmic_tl.interventions import Kind
-from cosmic_tl.models import load_model, read_card, resolve_spec
-from cosmic_tl.prompts import clean_prompts, load_prompts, prompts_sha256, sample_prompts
+from cosmic_tl.models import load_model, model_id, read_card, resolve_spec
+from cosmic_tl.prompts import (
+    clean_prompts,
+    load_prompts,
+    prompts_sha256,
+    reference_sample,
+    sample_prompts,
+)
 from cosmic_tl.rundir import (
     MethodMetrics,
     RunDir,
@@ -78,13 +85,27 @@ class RunPrompts:
 
 
 def load_run_prompts(cfg: Config) -> RunPrompts:
-    """Load, clean and sample every prompt set named in ``cfg``."""
+    """Load, clean and sample every prompt set named in ``cfg``.
+
+    With ``sampling="reference"`` the four train and val sets are drawn as the published
+    pipeline draws them (:func:`~cosmic_tl.prompts.reference_sample`: one seeded stream,
+    from the sets as loaded, not cleaned); the test sets are sampled as usual.
+    """
     sizes = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
     out = {}
     for name in SETS:
         split = name.split("_")[1]
         raw = load_prompts(getattr(cfg, name), split=split)
-        out[name] = sample_prompts(clean_prompts(raw), sizes[split], seed=cfg.seed)
+        if cfg.sampling == "reference" and split != "test":
+            out[name] = list(raw)
+        else:
+            out[name] = sample_prompts(clean_prompts(raw), sizes[split], seed=cfg.seed)
+    if cfg.sampling == "reference":
+        names = ("harmful_train", "harmless_train", "harmful_val", "harmless_val")
+        drawn = reference_sample(
+            *(out[n] for n in names), n_train=cfg.n_train, n_val=cfg.n_val, seed=cfg.seed
+        )
+        out |= dict(zip(names, drawn, strict=True))
     return RunPrompts(out)
 
 
@@ -168,9 +189,14 @@ class Pipeline:
     def model(self) -> Any:
         if self._model is None:
             self.say(f"loading model {self.cfg.model} ...")
-            self._model = load_model(
-                self.cfg.model, device=self.cfg.device, dtype=torch_dtype(self.cfg.dtype)
-            )
+            model = load_model(self.cfg.model, device=self.cfg.device, dtype=torch_dtype(self.cfg.dtype))
+            fmt = self.cfg.prompt_format
+            if fmt == "auto":
+                fmt = published_format_for(model_id(model))
+            if fmt != TOKENIZER_TEMPLATE:
+                self.say(f"prompt format: {fmt} (the published code's)")
+                model.tokenizer = use_prompt_format(model.tokenizer, fmt)
+            self._model = model
         return self._model
 
     def chat(self, name: str) -> Prompts:
@@ -296,6 +322,7 @@ class Pipeline:
             batch_size=cfg.batch_size,
             reuse_prefix=cfg.reuse_prefix,
             share_prefix=cfg.share_prefix,
+            inplace_addition=cfg.inplace_addition,
             progress=self.progress,
         )
 

@@ -39,8 +39,18 @@ log = logging.getLogger("cosmic_tl")
 
 # The settings each stage reads (beside its upstream stages' keys).
 STAGE_FIELDS: dict[str, tuple[str, ...]] = {
-    "candidates": ("model", "system_prompt", "dtype", "n_train", "seed"),
-    "filter": ("model", "system_prompt", "dtype", "n_train", "n_val", "seed", "refusal_tokens"),
+    "candidates": ("model", "system_prompt", "prompt_format", "dtype", "n_train", "seed", "sampling"),
+    "filter": (
+        "model",
+        "system_prompt",
+        "prompt_format",
+        "dtype",
+        "n_train",
+        "n_val",
+        "seed",
+        "sampling",
+        "refusal_tokens",
+    ),
     "candidates_baseline": (),
     "scores": (
         "mode",
@@ -51,6 +61,8 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
         "refusal_tokens",
         "filter_prompts",
         "full_grids",
+        "inplace_addition",
+        "ablation_placement",
         "selection",
     ),
     "select": ("selection", "baseline", "baselines"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -98,6 +99,8 @@ def family_of(model_name: str) -> str | None:
     for fam in ("gemma", "qwen"):
         if fam in name:
             return fam
+    if re.search(r"(^|[/-])yi([-.]|$)", name):
+        return "yi"
     return None
 
 

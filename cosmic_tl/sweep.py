@@ -103,6 +103,7 @@ class _Context:
     b_harmful: Tensor
     b_harmless: Tensor
     token_ids: tuple[int, ...]
+    inplace_addition: bool = False
 
     def intervention(self, kind: Kind, mode: Mode, i: int, layer: int) -> Intervention:
         p = self.candidates.positions[i]
@@ -159,10 +160,30 @@ def _pass_metric(
             continue
         if what == "cos" and cos:
             assert res.eval_sums is not None
-            out[name] = cosine(pooled(res.eval_sums, ctx.eval_layers), target)
+            sums = res.eval_sums
+            if ctx.inplace_addition and (kind, mode) == ("add", "lce") and layer - 1 in ctx.eval_layers:
+                sums = _published_inplace_reading(ctx, sums, i, layer)
+            out[name] = cosine(pooled(sums, ctx.eval_layers), target)
         elif what == "tokens" and tokens:
             assert res.logits is not None
             out[name] = float(refusal_score(res.logits, ctx.token_ids).mean())
+    return out
+
+
+def _published_inplace_reading(
+    ctx: _Context, sums: Float[Tensor, "layer d_model"], i: int, layer: int
+) -> Float[Tensor, "layer d_model"]:
+    """Evaluation sums as the published linear-addition hook reads them (§4d).
+
+    That hook adds ``α r`` to block ``layer``'s input tensor in place, and Hugging Face
+    keeps that same tensor as the evaluation activation of layer ``layer - 1``, so every
+    prompt's activation there carries ``+α r`` too.
+    """
+    assert ctx.harmless.clean.logits is not None
+    n_prompts = ctx.harmless.clean.logits.shape[0]
+    r = ctx.candidates.directions[i, layer].double()
+    out = sums.clone()
+    out[layer - 1] += n_prompts * ctx.alpha * r.to(out.device)
     return out
 
 
@@ -193,6 +214,7 @@ def score_candidates(
     batch_size: int = 32,
     reuse_prefix: bool = True,
     share_prefix: bool = True,
+    inplace_addition: bool = False,
     progress: bool = True,
 ) -> Scores:
     """Score every candidate for COSMIC (and the refusal-token baseline).
@@ -203,7 +225,10 @@ def score_candidates(
     ``False`` for none, or the names of the baselines to score (``"refusal_tokens"``,
     ``"substring"``: the COSMIC paper's comparison, with the mode's interventions). Each
     baseline pick's COSMIC score and COSMIC's pick under each baseline's score are
-    always computed, so that picks can be compared. ``refusal_tokens``
+    always computed, so that picks can be compared. ``inplace_addition`` reproduces the
+    published code's reading of LCE ``S_add`` (cosmic-method.md §4d: the in-place
+    addition is seen at evaluation layer ``l - 1`` too); the default reads clean
+    activations there, as the formulas say. ``refusal_tokens``
     ``("auto",)`` lets :func:`suggest_refusal_tokens` choose them; ``None`` takes the
     model family's (:func:`~cosmic_tl.scoring.default_refusal_tokens`).
     """
@@ -246,6 +271,7 @@ def score_candidates(
         pooled(harmful.clean.eval_sums, eval_layers),
         pooled(harmless.clean.eval_sums, eval_layers),
         token_ids,
+        inplace_addition,
     )
     clean: dict[str, float] = {"cos_harmful_harmless": cosine(ctx.b_harmful, ctx.b_harmless)}
     if baselines:
