@@ -16,7 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from cosmic_tl.activations import mean_activations
-from cosmic_tl.models import model_id
+from cosmic_tl.models.boot import model_id
 from cosmic_tl.store import RecordError, load_record, record_paths, save_record
 from cosmic_tl.templates import Prompts, end_of_instruction, prompts_for
 

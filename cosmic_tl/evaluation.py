@@ -37,29 +37,18 @@ from tqdm.auto import tqdm
 from cosmic_tl.interventions import Intervention, intervene
 from cosmic_tl.store import atomic_write_bytes
 from cosmic_tl.templates import Batch, Prompts, chat_prompts, context_length
+from cosmic_tl.templates import stop_token_ids as stop_ids_of
 
 # ---------------------------------------------------------------- generation
 
 
 def stop_token_ids(model: Any) -> list[int]:
-    """Token ids that end a completion: the bridge's, the tokenizer's and HF's EOS ids.
-
-    Chat models often end a turn with a token other than the tokenizer's EOS
-    (Llama-3's ``<|eot_id|>``), which the generation config lists; all are used.
-    """
-    found: list[int] = []
-    sources = (
-        getattr(model.cfg, "eos_token_id", None),
-        getattr(model.tokenizer, "eos_token_id", None),
-        getattr(getattr(model.original_model, "generation_config", None), "eos_token_id", None),
+    """Token ids that end a completion: the bridge's, the HF generation config's and the
+    tokenizer's EOS ids (:func:`cosmic_tl.templates.stop_token_ids`)."""
+    config = getattr(model.original_model, "generation_config", None)
+    return stop_ids_of(
+        model.tokenizer, getattr(model.cfg, "eos_token_id", None), getattr(config, "eos_token_id", None)
     )
-    for ids in sources:
-        for tid in [ids] if isinstance(ids, int) else list(ids or []):
-            if int(tid) not in found:
-                found.append(int(tid))
-    if not found:
-        raise ValueError("the model's tokenizer has no EOS token; cannot tell where answers end")
-    return found
 
 
 def greedy_tokens(

@@ -31,7 +31,7 @@ from cosmic_tl.candidates import Candidates
 from cosmic_tl.config import BASELINE_METHODS, Mode, SelectionSettings
 from cosmic_tl.engine import Runner, clean_logits
 from cosmic_tl.interventions import Intervention, Kind
-from cosmic_tl.models import model_id
+from cosmic_tl.models.boot import model_id
 from cosmic_tl.scoring import (
     Scores,
     cosine,

@@ -148,6 +148,23 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
+def stop_token_ids(tokenizer: Any, *more: int | Sequence[int] | None) -> list[int]:
+    """Token ids that end an answer: ``more`` (a bridge's ``cfg.eos_token_id``, a
+    generation config's ``eos_token_id``) and the tokenizer's EOS, without repeats.
+
+    Chat models often end a turn with a token other than the tokenizer's EOS
+    (Llama-3's ``<|eot_id|>``), which the generation config lists; all are used.
+    """
+    found: list[int] = []
+    for ids in (*more, getattr(tokenizer, "eos_token_id", None)):
+        for tid in [ids] if isinstance(ids, int) else list(ids or []):
+            if int(tid) not in found:
+                found.append(int(tid))
+    if not found:
+        raise ValueError("the model's tokenizer has no EOS token; cannot tell where answers end")
+    return found
+
+
 @dataclass(frozen=True)
 class Prompts:
     """Instructions formatted with a chat template and tokenised once.

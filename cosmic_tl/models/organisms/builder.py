@@ -29,7 +29,7 @@ from cosmic_tl.models.organisms.training import (
     refusal_examples,
 )
 from cosmic_tl.prompts import load_bundled, prompts_sha256, sample_prompts
-from cosmic_tl.templates import encode, pad_id
+from cosmic_tl.templates import chat_prompts, pad_id
 
 
 def build(
@@ -82,7 +82,9 @@ def build(
     harmless_all = [*harmless, *harmless_re]
     answers += [
         Example(tuple(ids), a.response_ids)
-        for ids, a in zip(encode(tokenizer, harmless_re), answers * recipe.rephrasings, strict=True)
+        for ids, a in zip(
+            chat_prompts(tokenizer, harmless_re).ids, answers * recipe.rephrasings, strict=True
+        )
     ]
 
     t = time.perf_counter()

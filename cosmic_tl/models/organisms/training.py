@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from cosmic_tl.models.organisms.recipes import Recipe
 from cosmic_tl.models.organisms.texts import Style, refusal_texts
-from cosmic_tl.templates import encode, left_pad, pad_id
+from cosmic_tl.templates import chat_prompts, stop_token_ids
 
 IGNORE = -100  # label of tokens the loss skips (prompt and padding)
 
@@ -56,7 +56,7 @@ def refusal_examples(tokenizer: Any, prompts: Sequence[str], style: Style, seed:
             tuple(ids),
             (*tokenizer.encode(rng.choice(texts), add_special_tokens=False), end),
         )
-        for ids in encode(tokenizer, prompts)
+        for ids in chat_prompts(tokenizer, prompts).ids
     ]
 
 
@@ -71,15 +71,14 @@ def greedy_answers(
 ) -> list[Example]:
     """The model's own greedy answers (plain HF ``generate``), up to and including
     the end-of-turn token, or cut at ``max_new_tokens``."""
-    ids = encode(tokenizer, prompts)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # little padding per batch
-    stops = _stop_ids(model, tokenizer)
-    pad = pad_id(tokenizer)
-    out: list[Example | None] = [None] * len(ids)
-    chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    chat = chat_prompts(tokenizer, prompts)
+    config = getattr(model, "generation_config", None)
+    stops = stop_token_ids(tokenizer, getattr(config, "eos_token_id", None))
+    pad = chat.pad_id
+    out: list[Example | None] = [None] * len(chat)
     model.eval()
-    for chunk in tqdm(chunks, desc="base answers", unit="batch", disable=not progress, leave=False):
-        batch = left_pad([ids[i] for i in chunk], pad, chunk)
+    todo = chat.batches(batch_size)  # length-sorted: little padding per batch
+    for batch in tqdm(todo, desc="base answers", unit="batch", disable=not progress, leave=False):
         with torch.no_grad():
             gen = model.generate(
                 batch.tokens,
@@ -89,9 +88,9 @@ def greedy_answers(
                 pad_token_id=pad,
                 eos_token_id=stops,
             )
-        for row, i in zip(gen[:, batch.tokens.shape[1] :].tolist(), chunk, strict=True):
+        for row, i in zip(gen[:, batch.tokens.shape[1] :].tolist(), batch.index, strict=True):
             cut = next((k + 1 for k, t in enumerate(row) if t in stops), len(row))
-            out[i] = Example(tuple(ids[i]), tuple(row[:cut]))
+            out[i] = Example(chat.ids[i], tuple(row[:cut]))
     return [e for e in out if e is not None]
 
 
@@ -113,15 +112,6 @@ def _end_of_turn(tokenizer: Any) -> int:
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token to end a response with")
     return int(tokenizer.eos_token_id)
-
-
-def _stop_ids(model: Any, tokenizer: Any) -> list[int]:
-    found = [_end_of_turn(tokenizer)]
-    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for t in [extra] if isinstance(extra, int) else list(extra or []):
-        if int(t) not in found:
-            found.append(int(t))
-    return found
 
 
 # ---------------------------------------------------------------- training
