@@ -38,6 +38,7 @@ from cosmic_tl.formats import (
     use_prompt_format,
 )
 from cosmic_tl.interventions import (
+    HookPoints,
     Intervention,
     ablate,
     add,
@@ -86,6 +87,7 @@ __all__ = [
     "Comparison",
     "Config",
     "EvalResult",
+    "HookPoints",
     "IncompatibleError",
     "Intervention",
     "ModelSpecError",

@@ -287,11 +287,7 @@ class Runner:
         self.passes += 1
         start = touched if self.reuse_prefix and intervention is not None else 0
         stop = self.n_layers if logits or not layers else layers[-1] + 1
-        hooks = (
-            intervention_hooks(intervention, self.n_layers, self.model.cfg.d_model)
-            if intervention is not None
-            else []
-        )
+        hooks = intervention_hooks(intervention, self.model) if intervention is not None else []
         d_model = self.model.cfg.d_model
         sums = torch.zeros(self.n_layers, d_model, dtype=torch.float64) if layers else None
         rows: list[Tensor] = []

@@ -2,11 +2,25 @@
 
 The maths (``unit``, ``ablate``, ``affine_ablate``, ``add``) are plain tensor
 functions. :func:`intervention_hooks` is the one place that turns an
-:class:`Intervention` into ``(hook_name, fn)`` pairs, and :func:`intervene` applies
-them with ``model.hooks(...)``, which always removes them on exit::
+:class:`Intervention` into ``(hook_name, fn)`` pairs, choosing the names from the
+model's hook points (:class:`HookPoints`), and :func:`intervene` applies them with
+``model.hooks(...)``, which always removes them on exit::
 
     with intervene(model, Intervention("ablate", "lce", r)):
         logits = model(tokens, attention_mask=mask)
+
+Where LCE ablation edits the attention and MLP outputs is its ``placement``. On
+blocks with post-sub-layer norms (Gemma 2 and 3 add ``post_norm(attn(x))`` and
+``post_norm(mlp(x))`` to the residual stream) the two placements differ:
+
+- ``"residual"`` (default): what the block adds to the residual stream, after the
+  post-norms (the bridge's ``hook_attn_out`` / ``hook_mlp_out``), so every block's
+  input and output is orthogonal to r̂;
+- ``"published"``: the attention and MLP modules' own outputs, before any post-norm
+  (``attn.hook_out`` / ``mlp.hook_out``), as the published code hooks them; the
+  norm's elementwise scale can then put some r̂ back into the residual stream.
+
+Without post-norms (Llama, Qwen2, Mistral, Phi-3) both name the same hook points.
 """
 
 from __future__ import annotations
@@ -25,6 +39,8 @@ from torch import Tensor
 from cosmic_tl.config import Mode
 
 Kind = Literal["ablate", "add"]
+Placement = Literal["residual", "published"]
+PLACEMENTS: tuple[Placement, ...] = ("residual", "published")
 HookFn = Callable[[Tensor, Any], Tensor]
 
 EPS = 1e-8
@@ -73,7 +89,10 @@ class Intervention:
     """What to do to the residual stream.
 
     - ``("ablate", "lce")``: linear ablation at every block input and every
-      attention/MLP output (``layer`` is ignored).
+      attention/MLP output (``layer`` is ignored); ``placement`` says which
+      attention/MLP outputs (see the module docstring): ``"residual"`` what is added
+      to the residual stream, ``"published"`` the sub-layers' outputs before any
+      post-norm. Other kinds and modes ignore it.
     - ``("add", "lce")``: ``+ α r`` at the input of block ``layer``.
     - ``("ablate", "ace")``: affine ablation at the input of block ``layer``.
     - ``("add", "ace")``: affine ablation then ``+ α r`` at the input of block ``layer``.
@@ -89,12 +108,15 @@ class Intervention:
     layer: int = 0
     reference: Tensor | None = None  # [d_model]
     alpha: float = 1.0
+    placement: Placement = "residual"
 
     def __post_init__(self) -> None:
         if self.kind not in ("ablate", "add"):
             raise ValueError(f"kind must be 'ablate' or 'add', not {self.kind!r}")
         if self.mode not in ("ace", "lce"):
             raise ValueError(f"mode must be 'ace' or 'lce', not {self.mode!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be 'residual' or 'published', not {self.placement!r}")
         for name, t in (("direction", self.direction), ("reference", self.reference)):
             if t is None:
                 continue
@@ -127,28 +149,95 @@ def _apply(act: Tensor, hook: Any, *, op: Callable[..., Tensor], **vectors: Tens
     return op(act.to(dtype), **moved).to(act.dtype)
 
 
+# Per block, the attention and MLP outputs that LCE ablation edits at each placement.
+# TransformerBridge points hook_attn_out / hook_mlp_out at what the block adds to the
+# residual stream: after ln1_post / ln2_post where a block has them (Gemma 2 and 3),
+# the scaled contribution on Granite's blocks, else the same hook points as
+# attn.hook_out / mlp.hook_out.
+_SUBLAYER_OUTPUTS: dict[Placement, tuple[str, str]] = {
+    "residual": ("hook_attn_out", "hook_mlp_out"),
+    "published": ("attn.hook_out", "mlp.hook_out"),
+}
+
+
+@dataclass(frozen=True)
+class HookPoints:
+    """The hook points a model offers, which :func:`intervention_hooks` chooses from.
+
+    ``names`` are the model's ``hook_dict`` keys; ``None`` (built from the sizes
+    alone) assumes a TransformerBridge's standard names without checking them.
+    ``model`` names the model in errors. ::
+
+        points = HookPoints.of(model)
+        points.ablation_names("published")[:3]
+        # ['blocks.0.hook_resid_pre', 'blocks.0.attn.hook_out', 'blocks.0.mlp.hook_out']
+    """
+
+    n_layers: int
+    d_model: int
+    names: frozenset[str] | None = None
+    model: str = "the model"
+
+    @classmethod
+    def of(cls, model: Any) -> HookPoints:
+        """The hook points of a booted model (a ``TransformerBridge``)."""
+        # Imported here: cosmic_tl.models imports evaluation, which imports this module.
+        from cosmic_tl.models.boot import model_id
+
+        return cls(
+            int(model.cfg.n_layers), int(model.cfg.d_model), frozenset(model.hook_dict), model_id(model)
+        )
+
+    def ablation_names(self, placement: Placement = "residual") -> list[str]:
+        """Where LCE ablation applies: every block's input and its attention and MLP outputs."""
+        points = ("hook_resid_pre", *_SUBLAYER_OUTPUTS[placement])
+        return self.require(
+            [f"blocks.{i}.{p}" for i in range(self.n_layers) for p in points],
+            f"LCE ablation with placement={placement!r}",
+        )
+
+    def require(self, names: list[str], purpose: str) -> list[str]:
+        """``names``, or a ``ValueError`` naming the model and the hook points it lacks."""
+        missing = [] if self.names is None else [n for n in names if n not in self.names]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ValueError(
+                f"{self.model} has no hook point {missing[0]!r}{more}, which {purpose} needs"
+            )
+        return names
+
+
 def intervention_hooks(
-    intervention: Intervention, n_layers: int, d_model: int
+    intervention: Intervention, model: Any, d_model: int | None = None
 ) -> list[tuple[str, HookFn]]:
-    """The ``(hook_name, fn)`` list that applies ``intervention`` to a model."""
-    iv = intervention
-    if iv.direction.shape[0] != d_model:
-        raise ValueError(f"direction has size {iv.direction.shape[0]}, the model's d_model is {d_model}")
-    if iv.reference is not None and iv.reference.shape[0] != d_model:
-        raise ValueError(f"reference has size {iv.reference.shape[0]}, d_model is {d_model}")
+    """The ``(hook_name, fn)`` list that applies ``intervention`` to ``model``.
+
+    ``model`` is the booted model or its :class:`HookPoints`; the hook names are
+    chosen from the hook points it offers (a missing one is a ``ValueError`` that
+    names it). The older form ``intervention_hooks(iv, n_layers, d_model)`` still
+    works and assumes the bridge's standard names.
+    """
+    if d_model is not None:
+        points = HookPoints(int(model), d_model)
+    else:
+        points = model if isinstance(model, HookPoints) else HookPoints.of(model)
+    iv, n_layers = intervention, points.n_layers
+    if iv.direction.shape[0] != points.d_model:
+        raise ValueError(
+            f"direction has size {iv.direction.shape[0]}, the model's d_model is {points.d_model}"
+        )
+    if iv.reference is not None and iv.reference.shape[0] != points.d_model:
+        raise ValueError(f"reference has size {iv.reference.shape[0]}, d_model is {points.d_model}")
     if not 0 <= iv.layer < n_layers:
         raise ValueError(f"layer {iv.layer} out of range for a model with {n_layers} blocks")
     r = iv.direction.detach().float()
     r_hat = unit(r)
-    at_layer = f"blocks.{iv.layer}.hook_resid_pre"
     if iv.mode == "lce" and iv.kind == "ablate":
         fn = partial(_apply, op=ablate, r_hat=r_hat)
-        names = [
-            f"blocks.{i}.{point}"
-            for i in range(n_layers)
-            for point in ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")
-        ]
-        return [(name, fn) for name in names]
+        return [(name, fn) for name in points.ablation_names(iv.placement)]
+    [at_layer] = points.require(
+        [f"blocks.{iv.layer}.hook_resid_pre"], f"{iv.mode.upper()} {iv.kind} at block {iv.layer}"
+    )
     if iv.mode == "lce":
         return [(at_layer, partial(_apply, op=partial(add, alpha=iv.alpha), r=r))]
     assert iv.reference is not None
@@ -161,8 +250,7 @@ def intervention_hooks(
 @contextmanager
 def intervene(model: Any, *interventions: Intervention) -> Iterator[Any]:
     """Apply interventions to every forward pass (and ``generate``) inside the block."""
-    hooks = [
-        h for iv in interventions for h in intervention_hooks(iv, model.cfg.n_layers, model.cfg.d_model)
-    ]
+    points = HookPoints.of(model)
+    hooks = [h for iv in interventions for h in intervention_hooks(iv, points)]
     with model.hooks(fwd_hooks=hooks):
         yield model

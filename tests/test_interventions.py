@@ -12,6 +12,7 @@ from jaxtyping import Float, TypeCheckError, jaxtyped
 from torch import Tensor
 
 from cosmic_tl.interventions import (
+    HookPoints,
     Intervention,
     ablate,
     affine_ablate,
@@ -74,9 +75,9 @@ def test_bad_direction_rejected():
     with pytest.raises(ValueError, match="reference"):
         Intervention("ablate", "ace", torch.ones(D))
     with pytest.raises(ValueError, match="d_model"):
-        intervention_hooks(Intervention("ablate", "lce", torch.ones(D)), 4, D + 3)
+        intervention_hooks(Intervention("ablate", "lce", torch.ones(D)), HookPoints(4, D + 3))
     with pytest.raises(ValueError, match="out of range"):
-        intervention_hooks(Intervention("add", "lce", torch.ones(D), layer=9), 4, D)
+        intervention_hooks(Intervention("add", "lce", torch.ones(D), layer=9), HookPoints(4, D))
 
 
 def _capture(model, names, iv):
