@@ -132,6 +132,8 @@ class Runner:
         self.passes = 0  # calls of run()
         self._params_per_block = _block_params(model)
         self._unembed_params = int(model.cfg.d_model) * int(model.cfg.d_vocab)
+        # Gemma 2 soft-caps its final logits; the model's own forward does, so must the replay.
+        self._soft_cap = float(getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0)
         self._prefix: _SharedPrefix | None = None
         prompts = prompts_for(model, prompts)
         self._pad = prompts.pad_id
@@ -316,7 +318,8 @@ class Runner:
                 if logits:
                     if last_norm is None:
                         last_norm = self.model.ln_final(x[:, -1:])
-                    rows.append(self.model.unembed(last_norm)[:, -1].float().cpu())
+                    logits_ = _soft_cap(self.model.unembed(last_norm)[:, -1], self._soft_cap)
+                    rows.append(logits_.float().cpu())
                     self.flops += 2.0 * x.shape[0] * self._unembed_params
         out_logits = self._in_prompt_order(rows) if logits else None
         return RunOutput(sums, out_logits)
@@ -326,6 +329,11 @@ _CACHE_KEYS = ("past_key_values", "past_key_value")
 # Share the prompts' common tokens only if that removes at least this fraction of the
 # tokens a pass computes: the batch-1 replay of the shared tokens has its own overhead.
 _MIN_SHARED_SAVING = 0.25
+
+
+def _soft_cap(logits: Tensor, cap: float) -> Tensor:
+    """``cap · tanh(logits / cap)`` (final-logit soft-capping); unchanged for ``cap <= 0``."""
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
 
 def _hidden(out: Any) -> Tensor:

@@ -36,10 +36,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from cosmic_tl.config import Mode
+from cosmic_tl.config import Mode, Placement
 
 Kind = Literal["ablate", "add"]
-Placement = Literal["residual", "published"]
 PLACEMENTS: tuple[Placement, ...] = ("residual", "published")
 HookFn = Callable[[Tensor, Any], Tensor]
 

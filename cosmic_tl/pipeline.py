@@ -323,6 +323,7 @@ class Pipeline:
             reuse_prefix=cfg.reuse_prefix,
             share_prefix=cfg.share_prefix,
             inplace_addition=cfg.inplace_addition,
+            placement=cfg.ablation_placement,
             progress=self.progress,
         )
 
@@ -407,7 +408,11 @@ class Pipeline:
         def run(
             name: str, prompts: Prompts, sel: Selection | None = None, kind: Kind = "ablate"
         ) -> EvalResult:
-            iv = sel.intervention(kind, alpha=cfg.alpha) if sel is not None else None
+            iv = (
+                sel.intervention(kind, alpha=cfg.alpha, placement=cfg.ablation_placement)
+                if sel is not None
+                else None
+            )
             res = evaluate(
                 self.model,
                 prompts,

@@ -27,7 +27,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from cosmic_tl.config import Mode, SelectionSettings
+from cosmic_tl.config import Mode, Placement, SelectionSettings
 from cosmic_tl.interventions import Intervention, Kind
 from cosmic_tl.scoring import Scores
 from cosmic_tl.store import load_record, save_record
@@ -87,9 +87,16 @@ class Selection:
             return None
         return (self.position, self.layer)
 
-    def intervention(self, kind: Kind, *, alpha: float = 1.0, mode: Mode | None = None) -> Intervention:
+    def intervention(
+        self,
+        kind: Kind,
+        *,
+        alpha: float = 1.0,
+        mode: Mode | None = None,
+        placement: Placement = "residual",
+    ) -> Intervention:
         """The pick as an intervention (``kind`` ``"ablate"`` or ``"add"``) in the selection's
-        mode, or in ``mode``.
+        mode, or in ``mode``; ``placement`` as in :class:`~cosmic_tl.interventions.Intervention`.
 
         >>> with intervene(model, cosmic.intervention("ablate")):  # doctest: +SKIP
         ...     completions = generate(model, harmful)
@@ -97,7 +104,9 @@ class Selection:
         if self.direction is None or self.layer is None:
             raise ValueError(f"{self.method} has no picked direction: {self.message}")
         ref = self.reference.float() if self.reference is not None else None
-        return Intervention(kind, mode or self.mode, self.direction.float(), self.layer, ref, alpha)
+        return Intervention(
+            kind, mode or self.mode, self.direction.float(), self.layer, ref, alpha, placement
+        )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         tensors = {"ranking": self.ranking}

@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cosmic_tl.candidates import Candidates
-from cosmic_tl.config import BASELINE_METHODS, Mode, SelectionSettings
+from cosmic_tl.config import BASELINE_METHODS, Mode, Placement, SelectionSettings
 from cosmic_tl.engine import Runner, clean_logits
 from cosmic_tl.interventions import Intervention, Kind
 from cosmic_tl.models.boot import model_id
@@ -104,6 +104,7 @@ class _Context:
     b_harmless: Tensor
     token_ids: tuple[int, ...]
     inplace_addition: bool = False
+    placement: Placement = "residual"
 
     def intervention(self, kind: Kind, mode: Mode, i: int, layer: int) -> Intervention:
         p = self.candidates.positions[i]
@@ -114,6 +115,7 @@ class _Context:
             layer,
             self.candidates.reference(p, layer).float(),
             self.alpha,
+            self.placement,
         )
 
 
@@ -215,6 +217,7 @@ def score_candidates(
     reuse_prefix: bool = True,
     share_prefix: bool = True,
     inplace_addition: bool = False,
+    placement: Placement = "residual",
     progress: bool = True,
 ) -> Scores:
     """Score every candidate for COSMIC (and the refusal-token baseline).
@@ -228,7 +231,9 @@ def score_candidates(
     always computed, so that picks can be compared. ``inplace_addition`` reproduces the
     published code's reading of LCE ``S_add`` (cosmic-method.md §4d: the in-place
     addition is seen at evaluation layer ``l - 1`` too); the default reads clean
-    activations there, as the formulas say. ``refusal_tokens``
+    activations there, as the formulas say. ``placement`` is where LCE ablation hooks on
+    post-norm architectures (:class:`~cosmic_tl.interventions.Intervention`).
+    ``refusal_tokens``
     ``("auto",)`` lets :func:`suggest_refusal_tokens` choose them; ``None`` takes the
     model family's (:func:`~cosmic_tl.scoring.default_refusal_tokens`).
     """
@@ -272,6 +277,7 @@ def score_candidates(
         pooled(harmless.clean.eval_sums, eval_layers),
         token_ids,
         inplace_addition,
+        placement,
     )
     clean: dict[str, float] = {"cos_harmful_harmless": cosine(ctx.b_harmful, ctx.b_harmless)}
     if baselines:

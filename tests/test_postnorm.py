@@ -357,11 +357,5 @@ def test_engine_shares_prompt_tokens_on_gemma3_with_padding(models):
     assert runner.shared_tokens > 0, [str(w.message) for w in caught]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Runner.run computes logits as unembed(ln_final(x)) and so skips Gemma 2's "
-    "final_logit_softcapping (cfg.output_logits_soft_cap), which the bridge's forward "
-    "applies: the runner's logits are uncapped, its clean logits (a full forward) capped.",
-)
 def test_engine_replays_gemma2(models):
     _runner_matches_plain(models["gemma2"][1], PROMPTS, share_prefix=False)
