@@ -49,6 +49,7 @@ from cosmic_tl.interventions import (
     unit,
 )
 from cosmic_tl.models import ModelSpecError, load_model
+from cosmic_tl.planner import score_candidates, suggest_refusal_tokens
 from cosmic_tl.prompts import (
     PromptFileError,
     clean_prompts,
@@ -65,7 +66,7 @@ from cosmic_tl.selection import (
     select_refusal_tokens,
     select_substring,
 )
-from cosmic_tl.sweep import score_candidates, suggest_refusal_tokens, sweep
+from cosmic_tl.sweep import sweep
 from cosmic_tl.templates import (
     ChatTemplateError,
     Prompts,

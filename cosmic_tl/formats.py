@@ -20,6 +20,7 @@ The formats are Jinja chat templates, so :func:`cosmic_tl.templates.format_promp
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +152,21 @@ PROMPT_FORMATS: dict[str, str] = {name: _template(name, fmt) for name, fmt in _F
 FORMAT_NAMES: tuple[str, ...] = (TOKENIZER_TEMPLATE, *PROMPT_FORMATS)
 
 
+def family_of(model_name: str) -> str | None:
+    """A coarse model family from a model name, for default refusal tokens."""
+    name = model_name.lower().replace("_", "-")
+    if "llama-3" in name or "llama3" in name:
+        return "llama-3"
+    if "llama-2" in name or "llama2" in name:
+        return "llama-2"
+    for fam in ("gemma", "qwen"):
+        if fam in name:
+            return fam
+    if re.search(r"(^|[/-])yi([-.]|$)", name):
+        return "yi"
+    return None
+
+
 # The published code's hard-coded format per model family; other families use the
 # tokenizer's own chat template (as the published code does for them).
 FAMILY_FORMATS = {"llama-3": "llama3", "qwen": "qwen", "gemma": "gemma", "llama-2": "llama2", "yi": "yi"}
@@ -159,8 +175,6 @@ FAMILY_FORMATS = {"llama-3": "llama3", "qwen": "qwen", "gemma": "gemma", "llama-
 def published_format_for(model_name: str) -> str:
     """The prompt format the published code uses for a model of this name (``"auto"``):
     the family's hard-coded format, else ``"chat_template"``."""
-    from cosmic_tl.scoring import family_of
-
     family = family_of(model_name)
     return FAMILY_FORMATS.get(family, TOKENIZER_TEMPLATE) if family else TOKENIZER_TEMPLATE
 

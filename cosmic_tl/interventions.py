@@ -37,6 +37,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from cosmic_tl.config import Mode, Placement
+from cosmic_tl.models.boot import model_id
 
 Kind = Literal["ablate", "add"]
 PLACEMENTS: tuple[Placement, ...] = ("residual", "published")
@@ -180,9 +181,6 @@ class HookPoints:
     @classmethod
     def of(cls, model: Any) -> HookPoints:
         """The hook points of a booted model (a ``TransformerBridge``)."""
-        # Imported here: cosmic_tl.models imports evaluation, which imports this module.
-        from cosmic_tl.models.boot import model_id
-
         return cls(
             int(model.cfg.n_layers), int(model.cfg.d_model), frozenset(model.hook_dict), model_id(model)
         )

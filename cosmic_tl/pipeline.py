@@ -34,7 +34,8 @@ from cosmic_tl.evaluation import (
 from cosmic_tl.export import save_direction
 from cosmic_tl.formats import TOKENIZER_TEMPLATE, published_format_for, use_prompt_format
 from cosmic_tl.interventions import Kind
-from cosmic_tl.models import load_model, model_id, read_card, resolve_spec
+from cosmic_tl.models import RECIPES, load_model, model_id, organism_judge, resolve_spec
+from cosmic_tl.planner import resolve_refusal_tokens, score_candidates
 from cosmic_tl.prompts import (
     clean_prompts,
     load_prompts,
@@ -42,10 +43,9 @@ from cosmic_tl.prompts import (
     reference_sample,
     sample_prompts,
 )
+from cosmic_tl.results import MethodMetrics, RunMetrics
 from cosmic_tl.rundir import (
-    MethodMetrics,
     RunDir,
-    RunMetrics,
     filtered_method,
     filtering,
     run_methods,
@@ -53,7 +53,6 @@ from cosmic_tl.rundir import (
 from cosmic_tl.scoring import Scores, encode_refusal_tokens, refusal_score
 from cosmic_tl.selection import SELECT, NoCandidateError, Selection
 from cosmic_tl.store import read_json, write_json
-from cosmic_tl.sweep import resolve_refusal_tokens, score_candidates
 from cosmic_tl.templates import Prompts, chat_prompts, context_length
 
 log = logging.getLogger("cosmic_tl")
@@ -110,16 +109,11 @@ def load_run_prompts(cfg: Config) -> RunPrompts:
 
 
 def run_judge(cfg: Config) -> SubstringJudge:
-    """The substring judge of a run: the organism's own refusal phrases if its card
-    has them, else the default list."""
+    """The substring judge of a run: an organism's own (:func:`organism_judge`), else the
+    default phrases."""
     kind, name = resolve_spec(cfg.model)
-    if kind == "alias":
-        try:
-            phrases = read_card(name).get("judge_phrases")
-        except OSError:
-            phrases = None
-        if phrases:
-            return SubstringJudge(tuple(phrases))
+    if kind == "alias" and name in RECIPES:
+        return organism_judge(name)
     return SubstringJudge(DEFAULT_REFUSAL_PHRASES)
 
 

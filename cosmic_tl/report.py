@@ -11,7 +11,8 @@ from plotly.offline import get_plotlyjs
 
 from cosmic_tl.config import Config
 from cosmic_tl.evaluation import Rate
-from cosmic_tl.rundir import RunDir, RunMetrics, relative_links, run_methods
+from cosmic_tl.results import RunMetrics
+from cosmic_tl.rundir import RunDir, relative_links, run_methods
 from cosmic_tl.scoring import Scores
 from cosmic_tl.selection import Selection
 from cosmic_tl.store import atomic_write_bytes, read_json

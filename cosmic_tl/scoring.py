@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from cosmic_tl.config import Mode
+from cosmic_tl.formats import family_of
 from cosmic_tl.store import load_record, save_record
 
 KL_EPS = 1e-6
@@ -87,21 +87,6 @@ def kl_divergence(
     p = torch.softmax(clean_logits.double(), dim=-1)
     q = torch.softmax(other_logits.double(), dim=-1)
     return (p * (torch.log(p + KL_EPS) - torch.log(q + KL_EPS))).sum(-1)
-
-
-def family_of(model_name: str) -> str | None:
-    """A coarse model family from a model name, for default refusal tokens."""
-    name = model_name.lower().replace("_", "-")
-    if "llama-3" in name or "llama3" in name:
-        return "llama-3"
-    if "llama-2" in name or "llama2" in name:
-        return "llama-2"
-    for fam in ("gemma", "qwen"):
-        if fam in name:
-            return fam
-    if re.search(r"(^|[/-])yi([-.]|$)", name):
-        return "yi"
-    return None
 
 
 def default_refusal_tokens(model_name: str) -> tuple[str, ...]:

@@ -32,6 +32,7 @@ with install_import_hook(_checked_modules(), "beartype.beartype"):
     import cosmic_tl.candidates  # noqa: F401
     import cosmic_tl.engine  # noqa: F401
     import cosmic_tl.interventions  # noqa: F401
+    import cosmic_tl.planner  # noqa: F401
     import cosmic_tl.plots  # noqa: F401
     import cosmic_tl.scoring  # noqa: F401
     import cosmic_tl.selection  # noqa: F401

@@ -8,6 +8,7 @@ from conftest import HARMFUL, HARMLESS
 
 from cosmic_tl.candidates import compute_candidates
 from cosmic_tl.config import SelectionSettings
+from cosmic_tl.planner import score_candidates
 from cosmic_tl.scoring import Scores
 from cosmic_tl.selection import (
     NoCandidateError,
@@ -15,7 +16,6 @@ from cosmic_tl.selection import (
     select_refusal_tokens,
     select_substring,
 )
-from cosmic_tl.sweep import score_candidates
 
 POS, N = (-2, -1), 5
 

@@ -9,7 +9,7 @@ from transformers import LlamaForCausalLM
 
 from cosmic_tl.candidates import compute_candidates
 from cosmic_tl.config import SelectionSettings
-from cosmic_tl.sweep import score_candidates
+from cosmic_tl.planner import score_candidates
 from cosmic_tl.templates import chat_prompts
 
 VAL_H, VAL_L = HARMFUL[:3], HARMLESS[:3]

@@ -15,7 +15,8 @@ from cosmic_tl import pipeline as pipeline_mod
 from cosmic_tl.config import Config
 from cosmic_tl.engine import Runner
 from cosmic_tl.evaluation import Rate
-from cosmic_tl.rundir import MethodMetrics, RunDir, RunDirBusy, RunMetrics
+from cosmic_tl.results import MethodMetrics, RunMetrics
+from cosmic_tl.rundir import RunDir, RunDirBusy
 from cosmic_tl.scoring import Scores, encode_refusal_tokens
 from cosmic_tl.templates import chat_prompts
 

@@ -11,9 +11,10 @@ from reference_impl import as_scores, reference_scores
 
 from cosmic_tl.candidates import Candidates, compute_candidates
 from cosmic_tl.config import SelectionSettings
+from cosmic_tl.planner import score_candidates
 from cosmic_tl.scoring import encode_refusal_tokens
 from cosmic_tl.selection import NoCandidateError, select_cosmic, select_refusal_tokens, select_substring
-from cosmic_tl.sweep import score_candidates, sweep
+from cosmic_tl.sweep import sweep
 
 TRAIN_H, TRAIN_L = HARMFUL, HARMLESS
 VAL_H, VAL_L = HARMFUL[:4], HARMLESS[2:]
@@ -202,7 +203,7 @@ def test_bad_inputs(tiny, cands, smollm2):
 
 
 def test_auto_refusal_tokens_are_strings_of_the_vocabulary(tiny, cands):
-    from cosmic_tl.sweep import suggest_refusal_tokens
+    from cosmic_tl.planner import suggest_refusal_tokens
 
     toks = suggest_refusal_tokens(tiny, VAL_H, VAL_L, k=2)
     assert len(toks) == 2 and all(isinstance(t, str) for t in toks)

@@ -1,0 +1,339 @@
+"""Which candidates to score, the metrics that score them, and :func:`score_candidates`.
+
+:func:`score_candidates` runs COSMIC's and the baselines' metrics through the generic
+:func:`~cosmic_tl.sweep.sweep` on the engine's :class:`~cosmic_tl.engine.Runner`, and
+plans which cells need them.
+
+**Lazy cells.** Cells that no filter outcome can make the pick are not scored: KL is
+computed down each method's ranking until the first candidate that passes (the same
+walk the selection makes, :func:`~cosmic_tl.selection.walk_ranking`), position -1
+cells pruned by the last-position rule are skipped, and late-layer cells are scored
+only where the last-position rule reads them. ``full=True`` scores all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Iterable, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+
+from cosmic_tl.candidates import Candidates
+from cosmic_tl.config import BASELINE_METHODS, Mode, Placement, SelectionSettings
+from cosmic_tl.engine import Runner, clean_logits
+from cosmic_tl.interventions import Kind
+from cosmic_tl.metrics import GRIDS, OUTPUTS, Context, kl_metric, pass_metric
+from cosmic_tl.models.boot import model_id
+from cosmic_tl.scoring import (
+    Scores,
+    cosine,
+    default_refusal_tokens,
+    encode_refusal_tokens,
+    evaluation_layers,
+    layer_cosines,
+    pooled,
+    refusal_score,
+    refusal_token_gap,
+)
+from cosmic_tl.selection import (
+    KL_GRID,
+    RANKING,
+    Cell,
+    last_position_bounds,
+    max_layer,
+    ranking_order,
+    substring_max_layer,
+    walk_ranking,
+)
+from cosmic_tl.sweep import Metric, sweep
+from cosmic_tl.templates import Prompts, prompts_for
+
+
+def score_candidates(
+    model: Any,
+    candidates: Candidates,
+    harmful_val: Sequence[str] | Prompts,
+    harmless_val: Sequence[str] | Prompts,
+    *,
+    mode: Mode = "ace",
+    alpha: float = 1.0,
+    settings: SelectionSettings | None = None,
+    baseline: bool | Sequence[str] = True,
+    refusal_tokens: Sequence[str] | None = None,
+    full: bool = False,
+    batch_size: int = 32,
+    reuse_prefix: bool = True,
+    share_prefix: bool = True,
+    inplace_addition: bool = False,
+    placement: Placement = "residual",
+    progress: bool = True,
+) -> Scores:
+    """Score every candidate for COSMIC (and the refusal-token baseline).
+
+    With ``full=False`` only cells that can change a pick are scored (see the module
+    docstring); the picks are the same as with ``full=True``. ``baseline``: ``True`` for
+    Arditi et al.'s refusal-token baseline (linear interventions in every mode),
+    ``False`` for none, or the names of the baselines to score (``"refusal_tokens"``,
+    ``"substring"``: the COSMIC paper's comparison, with the mode's interventions). Each
+    baseline pick's COSMIC score and COSMIC's pick under each baseline's score are
+    always computed, so that picks can be compared. ``inplace_addition`` reproduces the
+    published code's reading of LCE ``S_add`` (cosmic-method.md §4d: the in-place
+    addition is seen at evaluation layer ``l - 1`` too); the default reads clean
+    activations there, as the formulas say. ``placement`` is where LCE ablation hooks on
+    post-norm architectures (:class:`~cosmic_tl.interventions.Intervention`).
+    ``refusal_tokens``
+    ``("auto",)`` lets :func:`suggest_refusal_tokens` choose them; ``None`` takes the
+    model family's (:func:`~cosmic_tl.scoring.default_refusal_tokens`).
+    """
+    settings = settings or SelectionSettings()
+    candidates.check_compatible(model)
+    baselines = _baselines(baseline)
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, not {alpha!r}")
+    if mode not in ("ace", "lce"):
+        raise ValueError(f"mode must be 'ace' or 'lce', not {mode!r}")
+    if not harmful_val or not harmless_val:
+        raise ValueError("the validation sets must not be empty")
+    harmful_val, harmless_val = prompts_for(model, harmful_val), prompts_for(model, harmless_val)
+    curve = layer_cosines(candidates.eval_harmful, candidates.eval_harmless)
+    if not torch.isfinite(curve).all():
+        bad = [j for j in range(curve.shape[0]) if not math.isfinite(float(curve[j]))]
+        raise ValueError(f"non-finite training activations at layers {bad}; cannot score")
+    eval_layers = evaluation_layers(curve, settings.eval_layer_fraction)
+    kw: dict[str, Any] = {
+        "batch_size": batch_size,
+        "reuse_prefix": reuse_prefix,
+        "share_prefix": share_prefix,
+    }
+    harmful = Runner(model, harmful_val, **kw)
+    harmless = Runner(model, harmless_val, **kw)
+    assert harmful.clean.eval_sums is not None and harmless.clean.eval_sums is not None
+    for name, runner in (("harmful", harmful), ("harmless", harmless)):
+        assert runner.clean.logits is not None
+        if not torch.isfinite(runner.clean.logits).all():
+            raise ValueError(f"the model produces non-finite logits on the {name} validation set")
+    names = resolve_refusal_tokens(model, refusal_tokens, harmful_val, harmless_val, batch_size)
+    token_ids = encode_refusal_tokens(model.tokenizer, names) if baselines else ()
+    ctx = Context(
+        candidates,
+        mode,
+        alpha,
+        eval_layers,
+        harmful,
+        harmless,
+        pooled(harmful.clean.eval_sums, eval_layers),
+        pooled(harmless.clean.eval_sums, eval_layers),
+        token_ids,
+        inplace_addition,
+        placement,
+    )
+    clean: dict[str, float] = {"cos_harmful_harmless": cosine(ctx.b_harmful, ctx.b_harmless)}
+    if baselines:
+        assert harmful.clean.logits is not None and harmless.clean.logits is not None
+        clean["refusal_score_harmful"] = float(refusal_score(harmful.clean.logits, token_ids).mean())
+        clean["refusal_score_harmless"] = float(refusal_score(harmless.clean.logits, token_ids).mean())
+    sheet = _Sheet(ctx, names if baselines else (), clean, ("cosmic", *baselines), progress)
+    started = time.perf_counter()
+    if full:
+        sheet.fill_all()
+    else:
+        sheet.fill_needed(settings)
+    return dataclasses.replace(
+        sheet.scores(),
+        stats={
+            "passes": float(harmful.passes + harmless.passes),
+            "gflop": (harmful.flops + harmless.flops) / 1e9,
+            "sweep_seconds": time.perf_counter() - started,
+        },
+    )
+
+
+def _baselines(baseline: bool | Sequence[str]) -> tuple[str, ...]:
+    if baseline is True:
+        return ("refusal_tokens",)
+    if baseline is False:
+        return ()
+    names = tuple(dict.fromkeys(baseline))
+    bad = [b for b in names if b not in BASELINE_METHODS]
+    if bad:
+        raise ValueError(f"unknown baseline {bad[0]!r}; choose from {BASELINE_METHODS}")
+    return names
+
+
+def resolve_refusal_tokens(
+    model: Any,
+    refusal_tokens: Sequence[str] | None,
+    harmful: Sequence[str] | Prompts,
+    harmless: Sequence[str] | Prompts,
+    batch_size: int = 32,
+) -> tuple[str, ...]:
+    """The refusal-token strings a run uses: as given, suggested by the model for
+    ``("auto",)`` (on these prompts), or the model family's default for ``None``."""
+    if refusal_tokens and tuple(refusal_tokens) == ("auto",):
+        return suggest_refusal_tokens(model, harmful, harmless, batch_size=batch_size)
+    if refusal_tokens:
+        return tuple(refusal_tokens)
+    return default_refusal_tokens(model_id(model))
+
+
+class _Sheet:
+    """Grids being filled in; knows which grid shares which pass."""
+
+    def __init__(
+        self,
+        ctx: Context,
+        names: tuple[str, ...],
+        clean: dict[str, float],
+        methods: tuple[str, ...],
+        progress: bool,
+    ) -> None:
+        self.ctx, self.names, self.clean = ctx, names, clean
+        self.methods, self.progress = methods, progress
+        self.shape = (len(ctx.candidates.positions), ctx.candidates.n_layers)
+        keys = tuple(dict.fromkeys(g for m in methods for g in GRIDS[m]))
+        self.grids = {k: torch.full(self.shape, math.nan, dtype=torch.float64) for k in keys}
+        self.done = {k: torch.zeros(self.shape, dtype=torch.bool) for k in keys}
+        self.grids["norm"] = ctx.candidates.directions.double().norm(dim=-1)
+        self.done["norm"] = torch.ones(self.shape, dtype=torch.bool)
+
+    def scores(self) -> Scores:
+        c = self.ctx
+        return Scores(
+            {k: v.clone() for k, v in self.grids.items()},
+            {k: v.clone() for k, v in self.done.items()},
+            c.candidates.positions,
+            c.candidates.position_labels,
+            c.eval_layers,
+            layer_cosines(c.candidates.eval_harmful, c.candidates.eval_harmless),
+            c.b_harmful,
+            c.b_harmless,
+            c.mode,
+            c.alpha,
+            c.candidates.model_id,
+            self.names,
+            c.token_ids,
+            self.clean,
+        )
+
+    def record(self, metric: Metric, cells: Sequence[Cell], desc: str) -> None:
+        grids, filled = sweep(metric, cells, self.shape, progress=self.progress, desc=desc)
+        for name, grid in grids.items():
+            mask = filled[name]
+            self.grids[name][mask] = grid[mask]
+            self.done[name] |= mask
+
+    def compute(self, needs: dict[Cell, set[str]]) -> None:
+        """Fill the pass grids ``needs`` names per cell, one pass per cell and intervention."""
+        groups: dict[tuple[Kind, Mode], dict[Cell, tuple[bool, bool]]] = {}
+        for cell, names in needs.items():
+            for name in names:
+                if name not in self.grids or bool(self.done[name][cell]):
+                    continue
+                kind, whose, what = OUTPUTS[name]
+                mode: Mode = self.ctx.mode if whose == "mode" else "lce"
+                cos, tokens = groups.setdefault((kind, mode), {}).get(cell, (False, False))
+                groups[kind, mode][cell] = (cos or what == "cos", tokens or what == "tokens")
+        wanted = set(self.grids)
+        for (kind, mode), flags in sorted(groups.items(), key=lambda kv: (kv[0][0] != "add", kv[0][1])):
+
+            def metric(
+                i: int, j: int, kind: Kind = kind, mode: Mode = mode, flags: dict = flags
+            ) -> dict[str, float]:
+                cos, tokens = flags[i, j]
+                return pass_metric(
+                    self.ctx, i, j, kind=kind, mode=mode, cos=cos, tokens=tokens, wanted=wanted
+                )
+
+            label = "addition" if kind == "add" else "ablation"
+            self.record(metric, sorted(flags), f"{label} passes ({mode.upper()})")
+
+    def kl(self, cell: Cell, name: str = "KL") -> float:
+        """The cell's KL grid ``name`` (``KL`` or ``KL_linear``), computed now if it was not yet."""
+        if not bool(self.done[name][cell]):
+            mode: Mode = self.ctx.mode if name == "KL" else "lce"
+            wanted = set(self.grids)
+            self.record(lambda i, j: kl_metric(self.ctx, i, j, mode=mode, wanted=wanted), [cell], name)
+        return float(self.grids[name][cell])
+
+    def _all(self) -> list[Cell]:
+        return [(i, j) for i in range(self.shape[0]) for j in range(self.shape[1])]
+
+    def fill_all(self) -> None:
+        passes = set(self.grids) & set(OUTPUTS)
+        self.compute({c: set(passes) for c in self._all()})
+        for name in ("KL", "KL_linear"):
+            if name in self.grids:
+                for c in self._all():
+                    self.kl(c, name)
+
+    def fill_needed(self, settings: SelectionSettings) -> None:
+        n_pos, n_layers = self.shape
+        top = max_layer(n_layers, settings)
+        positions = self.ctx.candidates.positions
+        last = positions.index(-1) if -1 in positions else None
+        rule = settings.last_position_rule
+        needs: dict[Cell, set[str]] = {c: set() for c in self._all()}
+        for i, j in self._all():
+            if "cosmic" in self.methods and i != last and (rule or j < top):
+                needs[i, j] |= {"S_abl", "S_add"}  # the last-position rule reads every layer
+            if "refusal_tokens" in self.methods and j < top:
+                needs[i, j].add("induce")
+            if "substring" in self.methods and not (
+                i == last and j >= substring_max_layer(n_layers, settings)
+            ):
+                needs[i, j] |= {"bypass_mode", "induce_mode"}
+        self.compute(needs)
+        later: dict[Cell, set[str]] = {c: set() for c in self._all()}
+        if "cosmic" in self.methods and last is not None:
+            keep: Iterable[int] = range(top)
+            if rule:
+                a, s = last_position_bounds(self.grids["S_abl"], self.grids["S_add"], positions)
+                keep = [j for j in range(top) if not (j > a and j > s)]
+            for j in keep:
+                later[last, j] |= {"S_abl", "S_add"}
+        if "refusal_tokens" in self.methods:
+            for i, j in self._all():
+                if j < top and float(self.grids["induce"][i, j]) >= settings.induce_threshold:
+                    later[i, j].add("bypass")
+        self.compute(later)
+        # KL down each method's ranking until the first candidate that passes.
+        view = self.scores()
+        picks: dict[str, Cell | None] = {}
+        for method in self.methods:
+            order = ranking_order(view, method, settings)
+            kl = partial(self.kl, name=KL_GRID[method])
+            picks[method], _ = walk_ranking(order, kl, settings.kl_threshold)
+        self._comparison_cells(picks)
+
+    def _comparison_cells(self, picks: dict[str, Cell | None]) -> None:
+        """Each baseline's pick under COSMIC's score, COSMIC's pick under each baseline's."""
+        needs: dict[Cell, set[str]] = {}
+        for method, pick in picks.items():
+            if pick is None:
+                continue
+            if method == "cosmic":
+                for other in self.methods[1:]:
+                    needs.setdefault(pick, set()).add(RANKING[other])
+            else:
+                needs.setdefault(pick, set()).update({"S_abl", "S_add"})
+        self.compute(needs)
+
+
+def suggest_refusal_tokens(
+    model: Any,
+    harmful: Sequence[str] | Prompts,
+    harmless: Sequence[str] | Prompts,
+    *,
+    k: int = 2,
+    batch_size: int = 32,
+) -> tuple[str, ...]:
+    """Refusal tokens suggested by the model itself: the ``k`` first tokens whose
+    probability rises most from harmless to harmful prompts (as strings)."""
+    h = clean_logits(model, harmful, batch_size=batch_size)
+    l_ = clean_logits(model, harmless, batch_size=batch_size)
+    ids = refusal_token_gap(h, l_, k)
+    return tuple(model.tokenizer.decode([int(i)]) for i in ids)
