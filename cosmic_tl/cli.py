@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from cosmic_tl.config import PRESETS, Config, SelectionSettings, check_device, preset
+from cosmic_tl.config import BASELINE_METHODS, PRESETS, Config, SelectionSettings, check_device, preset
 
 STAGE_COMMANDS = {
     "candidates": "candidates",
@@ -78,6 +78,8 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("settings (cosmic_tl.config.Config)")
     for name, hint, default, help_ in _fields():
         kw = _option_kwargs(hint, default)
+        if name == "baselines":
+            kw |= {"choices": list(BASELINE_METHODS), "metavar": "METHOD"}
         group.add_argument(
             f"--{name.replace('_', '-')}",
             dest=name,

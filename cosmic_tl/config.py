@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,7 +18,8 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 BASELINE_METHODS = ("refusal_tokens", "substring")
 # Prompt formats (cosmic_tl.formats): the tokenizer's own template, the published choice
 # for the model's family, or one published format by name.
-PROMPT_FORMAT_CHOICES = ("chat_template", "auto", "llama3", "qwen", "gemma", "llama2", "yi")
+PromptFormat = Literal["chat_template", "auto", "llama3", "qwen", "gemma", "llama2", "yi"]
+PROMPT_FORMAT_CHOICES: tuple[str, ...] = typing.get_args(PromptFormat)
 Sampling = Literal["per_set", "reference"]
 Placement = Literal["residual", "published"]
 
@@ -139,7 +141,7 @@ class Config:
         default=True,
         metadata={"help": "compute the tokens all prompts start with (system turn) once per pass"},
     )
-    prompt_format: str = field(
+    prompt_format: PromptFormat = field(
         default="chat_template",
         metadata={
             "help": "chat_template (the tokenizer's own), auto (the published format for the "

@@ -184,7 +184,7 @@ class Pipeline:
         if self._model is None:
             self.say(f"loading model {self.cfg.model} ...")
             model = load_model(self.cfg.model, device=self.cfg.device, dtype=torch_dtype(self.cfg.dtype))
-            fmt = self.cfg.prompt_format
+            fmt: str = self.cfg.prompt_format
             if fmt == "auto":
                 fmt = published_format_for(model_id(model))
             if fmt != TOKENIZER_TEMPLATE:
