@@ -42,10 +42,10 @@ class Context:
             kind,
             mode,
             self.candidates.direction(p, layer).float(),
-            layer,
-            self.candidates.reference(p, layer).float(),
-            self.alpha,
-            self.placement,
+            layer=layer,
+            reference=self.candidates.reference(p, layer).float(),
+            alpha=self.alpha,
+            placement=self.placement,
         )
 
 

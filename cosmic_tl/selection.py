@@ -105,7 +105,13 @@ class Selection:
             raise ValueError(f"{self.method} has no picked direction: {self.message}")
         ref = self.reference.float() if self.reference is not None else None
         return Intervention(
-            kind, mode or self.mode, self.direction.float(), self.layer, ref, alpha, placement
+            kind,
+            mode or self.mode,
+            self.direction.float(),
+            layer=self.layer,
+            reference=ref,
+            alpha=alpha,
+            placement=placement,
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:

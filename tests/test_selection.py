@@ -15,6 +15,7 @@ from cosmic_tl.selection import (
     last_position_bounds,
     select_cosmic,
     select_refusal_tokens,
+    select_substring,
 )
 
 POS = (-3, -2, -1)
@@ -164,3 +165,59 @@ def test_refusal_token_gap_finds_the_token_that_rises():
     harmful = torch.tensor([[0.0, 3.0, 0.0, 1.0], [0.0, 2.0, 1.0, 1.0]])
     assert refusal_token_gap(harmful, harmless, 1).tolist() == [1]
     assert refusal_token_gap(harmful, harmless, 2).tolist() == [1, 2]
+
+
+def _substring_scores(bypass, induce, kl):
+    sc = make(zeros(), zeros(), kl)
+    grids = dict(sc.grids) | {
+        "bypass_mode": torch.as_tensor(bypass, dtype=torch.float64),
+        "induce_mode": torch.as_tensor(induce, dtype=torch.float64),
+    }
+    done = {k: torch.ones_like(v, dtype=torch.bool) for k, v in grids.items()}
+    return Scores(
+        grids,
+        done,
+        *[
+            getattr(sc, f)
+            for f in (
+                "positions",
+                "position_labels",
+                "eval_layers",
+                "layer_cosines",
+                "b_harmful",
+                "b_harmless",
+                "mode",
+                "alpha",
+                "model_id",
+            )
+        ],
+    )
+
+
+def test_substring_cuts_late_layers_at_the_last_position_only():
+    # int(0.6 · 10) = 6: (-1, 6..9) are out, late layers at other positions stay in.
+    bypass, induce, kl = zeros() + 1, zeros() - 5, zeros()
+    bypass[2, 6] = -9.0  # position -1, layer 6: cut
+    bypass[0, 9] = -8.0  # position -3, layer 9: kept (no late-layer cut there), and no induce filter
+    sel = select_substring(_substring_scores(bypass, induce, kl))
+    assert sel.pick == (-3, 9)
+    assert sel.reasons[2][6] == "late_last_position" and sel.reasons[2][5] == ""
+    assert sel.counts["late_last_position"] == 4 and "induce" not in sel.counts
+
+
+def test_substring_nan_ties_and_kl():
+    bypass, induce, kl = zeros() + 1, zeros(), zeros()
+    bypass[0, 1] = bypass[1, 1] = -2.0  # a tie: the lower position index wins...
+    kl[0, 1] = 0.5  # ...unless its KL is too high
+    induce[0, 2], bypass[0, 2] = math.nan, -7.0  # NaN induce: discarded despite the best bypass
+    bypass[1, 3] = math.nan
+    sel = select_substring(_substring_scores(bypass, induce, kl))
+    assert sel.pick == (-2, 1)
+    assert sel.reasons[0][1] == "kl" and sel.reasons[0][2] == "nan" and sel.reasons[1][3] == "nan"
+    kl[0, 1] = 0.0
+    assert select_substring(_substring_scores(bypass, induce, kl)).pick == (-3, 1)
+
+
+def test_substring_needs_its_grids():
+    with pytest.raises(ValueError, match="bypass_mode"):
+        select_substring(make(zeros(), zeros(), zeros()))
