@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -219,23 +219,33 @@ def _nan(*values: Tensor) -> bool:
     return any(math.isnan(float(v)) for v in values)
 
 
+Check = tuple[str, Callable[[int, int], bool]]  # (reason, does it discard cell (i, j)?)
+
+
+def _reasons(scores: Scores, checks: Sequence[Check]) -> list[list[str]]:
+    """Every cell's reason: the first check that discards it, else ``KEPT``."""
+    reasons = [[KEPT] * scores.n_layers for _ in scores.positions]
+    for i, j in _cells((len(scores.positions), scores.n_layers)):
+        reasons[i][j] = next((reason for reason, hit in checks if hit(i, j)), KEPT)
+    return reasons
+
+
 def cosmic_prefilter(scores: Scores, settings: SelectionSettings) -> list[list[str]]:
     """Reasons from every COSMIC filter except KL (which needs the ranking order)."""
     s_abl, s_add = scores.grids["S_abl"], scores.grids["S_add"]
     top = max_layer(scores.n_layers, settings)
     a, s = last_position_bounds(s_abl, s_add, scores.positions)
     zero = zero_directions(scores)
-    reasons = [[KEPT] * scores.n_layers for _ in scores.positions]
-    for i, j in _cells((len(scores.positions), scores.n_layers)):
-        if j >= top:
-            reasons[i][j] = "late_layer"
-        elif settings.last_position_rule and scores.positions[i] == -1 and j > a and j > s:
-            reasons[i][j] = "last_position"
-        elif bool(zero[i, j]):
-            reasons[i][j] = "zero_direction"
-        elif _nan(s_abl[i, j], s_add[i, j]):
-            reasons[i][j] = "nan"
-    return reasons
+    last = [p == -1 for p in scores.positions]
+    return _reasons(
+        scores,
+        [
+            ("late_layer", lambda i, j: j >= top),
+            ("last_position", lambda i, j: settings.last_position_rule and last[i] and j > a and j > s),
+            ("zero_direction", lambda i, j: bool(zero[i, j])),
+            ("nan", lambda i, j: _nan(s_abl[i, j], s_add[i, j])),
+        ],
+    )
 
 
 def _grid(scores: Scores, name: str, method: str) -> Tensor:
@@ -253,19 +263,16 @@ def baseline_prefilter(scores: Scores, settings: SelectionSettings) -> list[list
     induce = _grid(scores, "induce", "refusal_tokens")
     bypass = _grid(scores, "bypass", "refusal_tokens")
     zero = zero_directions(scores)
-    reasons = [[KEPT] * scores.n_layers for _ in scores.positions]
-    for i, j in _cells((len(scores.positions), scores.n_layers)):
-        if j >= top:
-            reasons[i][j] = "late_layer"
-        elif bool(zero[i, j]):
-            reasons[i][j] = "zero_direction"
-        elif _nan(induce[i, j]):
-            reasons[i][j] = "nan"
-        elif float(induce[i, j]) < settings.induce_threshold:
-            reasons[i][j] = "induce"
-        elif _nan(bypass[i, j]):
-            reasons[i][j] = "nan"
-    return reasons
+    return _reasons(
+        scores,
+        [
+            ("late_layer", lambda i, j: j >= top),
+            ("zero_direction", lambda i, j: bool(zero[i, j])),
+            ("nan", lambda i, j: _nan(induce[i, j])),
+            ("induce", lambda i, j: float(induce[i, j]) < settings.induce_threshold),
+            ("nan", lambda i, j: _nan(bypass[i, j])),
+        ],
+    )
 
 
 def substring_prefilter(scores: Scores, settings: SelectionSettings) -> list[list[str]]:
@@ -275,15 +282,15 @@ def substring_prefilter(scores: Scores, settings: SelectionSettings) -> list[lis
     bypass = _grid(scores, "bypass_mode", "substring")
     induce = _grid(scores, "induce_mode", "substring")
     zero = zero_directions(scores)
-    reasons = [[KEPT] * scores.n_layers for _ in scores.positions]
-    for i, j in _cells((len(scores.positions), scores.n_layers)):
-        if scores.positions[i] == -1 and j >= top:
-            reasons[i][j] = "late_last_position"
-        elif bool(zero[i, j]):
-            reasons[i][j] = "zero_direction"
-        elif _nan(bypass[i, j], induce[i, j]):
-            reasons[i][j] = "nan"
-    return reasons
+    last = [p == -1 for p in scores.positions]
+    return _reasons(
+        scores,
+        [
+            ("late_last_position", lambda i, j: last[i] and j >= top),
+            ("zero_direction", lambda i, j: bool(zero[i, j])),
+            ("nan", lambda i, j: _nan(bypass[i, j], induce[i, j])),
+        ],
+    )
 
 
 PREFILTERS: dict[str, Callable[[Scores, SelectionSettings], list[list[str]]]] = {

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from test_cli import _args
 
 from cosmic_tl import cli
 from cosmic_tl import pipeline as pipeline_mod
@@ -24,27 +25,7 @@ SYSTEM = "You answer like a pirate."
 
 
 def _run_args(tiny_dir, out, *extra):
-    return [
-        "run",
-        "--model",
-        str(tiny_dir),
-        "--out",
-        str(out),
-        "--n-train",
-        "4",
-        "--n-val",
-        "3",
-        "--n-test",
-        "2",
-        "--max-new-tokens",
-        "2",
-        "--batch-size",
-        "4",
-        "--quiet",
-        "--kl-threshold",
-        "1e9",
-        *extra,
-    ]
+    return _args(tiny_dir, out, "--max-new-tokens", "2", *extra)
 
 
 # ---------------------------------------------------------------- lock
