@@ -36,6 +36,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from cosmic_tl.activations import check_hook_points
 from cosmic_tl.config import Mode, Placement
 from cosmic_tl.models.boot import model_id
 
@@ -195,13 +196,7 @@ class HookPoints:
 
     def require(self, names: list[str], purpose: str) -> list[str]:
         """``names``, or a ``ValueError`` naming the model and the hook points it lacks."""
-        missing = [] if self.names is None else [n for n in names if n not in self.names]
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise ValueError(
-                f"{self.model} has no hook point {missing[0]!r}{more}, which {purpose} needs"
-            )
-        return names
+        return check_hook_points(self.model, self.names, names, purpose)
 
 
 def intervention_hooks(
