@@ -161,6 +161,11 @@ _SUBLAYER_OUTPUTS: dict[Placement, tuple[str, str]] = {
 }
 
 
+# The bridge's post-sub-layer norms (Gemma 2 and 3: post_attention_layernorm and
+# post_feedforward_layernorm).
+_POST_NORMS = ("ln1_post.hook_out", "ln2_post.hook_out")
+
+
 @dataclass(frozen=True)
 class HookPoints:
     """The hook points a model offers, which :func:`intervention_hooks` chooses from.
@@ -185,6 +190,12 @@ class HookPoints:
         return cls(
             int(model.cfg.n_layers), int(model.cfg.d_model), frozenset(model.hook_dict), model_id(model)
         )
+
+    @property
+    def has_post_norms(self) -> bool:
+        """Whether blocks norm their sub-layers' outputs before adding them (Gemma 2 and 3),
+        so that the two LCE ablation placements differ (``False`` when unknown)."""
+        return any(n.endswith(_POST_NORMS) for n in self.names or ())
 
     def ablation_names(self, placement: Placement = "residual") -> list[str]:
         """Where LCE ablation applies: every block's input and its attention and MLP outputs."""
