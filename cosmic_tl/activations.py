@@ -12,7 +12,8 @@ Only running sums are kept, so memory does not grow with the number of prompts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from cosmic_tl.models.boot import model_id
 from cosmic_tl.templates import Prompts, prompts_for
 
 
@@ -32,6 +34,43 @@ def eval_hook_names(n_layers: int) -> list[str]:
 def resid_pre_names(n_layers: int) -> list[str]:
     """Hook names of every block's input."""
     return [f"blocks.{i}.hook_resid_pre" for i in range(n_layers)]
+
+
+def check_hook_points(
+    model: str, available: Collection[str] | None, names: Sequence[str], purpose: str
+) -> list[str]:
+    """``names``, or a ``ValueError`` naming ``model`` and the first hook point of
+    ``names`` not in ``available`` (``None``: assume the bridge's standard names)."""
+    missing = [] if available is None else [n for n in names if n not in available]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"{model} has no hook point {missing[0]!r}{more}, which {purpose} needs")
+    return list(names)
+
+
+def require_hook_points(model: Any, names: Sequence[str], purpose: str) -> list[str]:
+    """``names``, or a ``ValueError`` naming the model and the hook points it lacks.
+
+    A bridge of an architecture that TransformerBridge maps differently may not offer
+    a hook point cosmic_tl reads, and ``run_with_cache`` would silently leave it out
+    of the cache; this says which one, and what needs it, before any work.
+    """
+    return check_hook_points(model_id(model), frozenset(model.hook_dict), names, purpose)
+
+
+def last_logits_only(model: Any) -> dict[str, Any]:
+    """Keyword arguments that make the model's forward unembed the last position only.
+
+    Hugging Face causal LMs take ``logits_to_keep``; the bridge passes it through, so
+    ``run_with_cache`` then returns logits ``[batch, 1, d_vocab]`` instead of one row
+    per position. Empty (every position unembedded) for a model that does not take it.
+    """
+    forward = getattr(getattr(model, "original_model", None), "forward", None)
+    try:
+        accepts = forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    return {"logits_to_keep": 1} if accepts else {}
 
 
 @dataclass(frozen=True)
@@ -60,7 +99,7 @@ def mean_activations(
     n_layers = model.cfg.n_layers
     eval_names = eval_hook_names(n_layers)
     pre_names = resid_pre_names(n_layers) if n_eoi else []
-    wanted = set(eval_names) | set(pre_names)
+    wanted = set(require_hook_points(model, [*pre_names, *eval_names], "computing the activation means"))
     width = max(n_eoi, 1)
     eoi_sum = torch.zeros(n_eoi, n_layers, model.cfg.d_model, dtype=torch.float64)
     eval_sum = torch.zeros(n_layers, model.cfg.d_model, dtype=torch.float64)
@@ -70,6 +109,7 @@ def mean_activations(
             attention_mask=batch.attention_mask.to(_device(model)),
             names_filter=lambda name: name in wanted,
             pos_slice=slice(-width, None),
+            **last_logits_only(model),
         )
         for i, name in enumerate(pre_names):
             eoi_sum[:, i] += cache[name].double().sum(0).cpu()

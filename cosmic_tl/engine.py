@@ -15,13 +15,19 @@ rounding):
   position alone and attention is causal, so those tokens' activations are the
   same in every prompt: each pass computes them once, at batch size 1, and the
   rest of every prompt attends to their keys and values (checked against a full
-  forward when the runner is built).
+  forward when the runner is built). The rest of the prompts is right-padded, so
+  that every prompt's tokens are contiguous with the shared ones: with left padding
+  the padding would sit inside the sequence (``[shared][padding][rest]``), which
+  a sliding-window layer (Gemma 2 and 3, Mistral) counts as window slots.
 - **Zero directions.** A candidate whose direction is exactly zero (block 0's input
   at template tokens, which are the same token in every prompt) changes nothing;
   its results are the clean ones, without a pass.
 - **Early stop.** Passes that need evaluation activations only stop after the last
   requested layer.
-- **Last-position unembedding.** Logits are computed at the last position only.
+- **Last-position unembedding.** Logits are computed at the last position only,
+  in the replay and in the clean passes (``logits_to_keep=1``): with a large
+  vocabulary (Gemma's 262k) the unembedding of every position costs more than the
+  blocks.
 - **Length bucketing.** Batches are sorted by length, so little padding is computed.
 """
 
@@ -38,7 +44,12 @@ from jaxtyping import Float
 from torch import Tensor
 from transformers import DynamicCache
 
-from cosmic_tl.activations import eval_hook_names, resid_pre_names
+from cosmic_tl.activations import (
+    eval_hook_names,
+    last_logits_only,
+    require_hook_points,
+    resid_pre_names,
+)
 from cosmic_tl.interventions import Intervention, intervention_hooks
 from cosmic_tl.templates import Batch, Prompts, drop_prefix, prompts_for, shared_prefix_length
 
@@ -46,6 +57,7 @@ from cosmic_tl.templates import Batch, Prompts, drop_prefix, prompts_for, shared
 @dataclass
 class _PreparedBatch:
     batch: Batch  # the tokens replayed (without the shared prefix when there is one)
+    last: Tensor  # [batch] each prompt's last column, on the model's device
     block_inputs: list[Tensor | None]  # clean input of each block (None if not kept)
     block_kwargs: list[dict[str, Any]]  # what the model passed each block
     clean_eval: Tensor  # [layer, d_model] float64 sums over the batch's prompts
@@ -127,6 +139,11 @@ class Runner:
             raise ValueError("need at least one prompt")
         self.model = model
         self.n_layers: int = model.cfg.n_layers
+        require_hook_points(
+            model,
+            [*resid_pre_names(self.n_layers), *eval_hook_names(self.n_layers)],
+            "the engine's block replay",
+        )
         self.reuse_prefix = reuse_prefix
         self.flops = 0.0  # weight-matmul FLOPs executed (padding included)
         self.passes = 0  # calls of run()
@@ -155,7 +172,8 @@ class Runner:
         n = shared_prefix_length(todo)
         if n == 0:
             return
-        rest = [drop_prefix(b, n, self._pad) for b in todo]
+        # Right-padded: [shared prefix][prompt][padding], never padding in between.
+        rest = [drop_prefix(b, n, self._pad, side="right") for b in todo]
         before = sum(b.tokens.numel() for b in todo)
         if n + sum(b.tokens.numel() for b in rest) > (1 - _MIN_SHARED_SAVING) * before:
             return  # too little to gain for an extra batch-1 replay per pass
@@ -194,6 +212,7 @@ class Runner:
                 tokens.to(self.device),
                 past_key_values=DynamicCache(),
                 names_filter=lambda name: name in names,
+                **last_logits_only(self.model),
             )
         if len(keys) != 1:
             raise RuntimeError(f"blocks receive their KV cache as {sorted(keys) or 'nothing'}")
@@ -203,7 +222,7 @@ class Runner:
         x = inputs[0]
         for i in range(self.n_layers):
             x = _hidden(self.model.blocks[i](x, **{**kwargs[i], key: rec}))
-        self.flops += 2.0 * n * (2 * self._params_per_block * self.n_layers + self._unembed_params)
+        self.flops += 2.0 * (2 * n * self._params_per_block * self.n_layers + self._unembed_params)
         return _SharedPrefix(n, inputs, kwargs, [rec.kv[i] for i in range(self.n_layers)], key)
 
     @torch.no_grad()
@@ -238,15 +257,35 @@ class Runner:
                 attention_mask=mask.to(self.device),
                 names_filter=lambda n: n in names,
                 **extra,
+                **last_logits_only(self.model),
             )
+        rows = batch.tokens.shape[0]
         tokens = batch.tokens.numel()
-        self.flops += 2.0 * tokens * (self._params_per_block * self.n_layers + self._unembed_params)
+        self.flops += 2.0 * (
+            tokens * self._params_per_block * self.n_layers + rows * self._unembed_params
+        )
         kept = {n: cache[n] for n in pre}
         inputs: list[Tensor | None] = [
             kept.get(f"blocks.{i}.hook_resid_pre") for i in range(self.n_layers)
         ]
-        clean_eval = torch.stack([cache[n][:, -1].double().sum(0).cpu() for n in evals])
-        return _PreparedBatch(batch, inputs, kwargs, clean_eval, logits[:, -1].float().cpu())
+        last = batch.last.to(self.device)
+        clean_eval = torch.stack([_at(cache[n], last).double().sum(0).cpu() for n in evals])
+        if batch.right_padded:
+            # The model's last column is padding for the shorter prompts: unembed
+            # each prompt's own last token (the final norm's output, already cached).
+            final = self._unembed(_at(cache["ln_final.hook_out"], last))
+        else:
+            final = logits[:, -1]
+        return _PreparedBatch(batch, last, inputs, kwargs, clean_eval, final.float().cpu())
+
+    def _unembed(self, normed: Tensor) -> Tensor:
+        """Logits from the final norm's output ``[batch, d_model]``, soft-capped as the
+        model's own forward does (Gemma 2)."""
+        return _soft_cap(self.model.unembed(normed[:, None])[:, 0], self._soft_cap)
+
+    def _final_norm(self, act: Tensor) -> Tensor:
+        """The final norm of ``[batch, d_model]`` last-token activations."""
+        return self.model.ln_final(act[:, None])[:, 0]
 
     def _in_prompt_order(self, rows: list[Tensor]) -> Tensor:
         """Concatenate per-batch rows and put them back in the caller's prompt order."""
@@ -308,18 +347,17 @@ class Runner:
                 for i in range(start, stop):
                     x = _hidden(self.model.blocks[i](x, **prep.block_kwargs[i], **shared))
                     if sums is not None and i in layers:
-                        act = x[:, -1]
+                        act = _at(x, prep.last)
                         if i == self.n_layers - 1:
-                            last_norm = self.model.ln_final(x[:, -1:])
-                            act = last_norm[:, -1]
+                            last_norm = self._final_norm(act)
+                            act = last_norm
                         sums[i] += act.double().sum(0).cpu()
                 n_tok = prep.batch.tokens.numel()  # padding is computed too
                 self.flops += 2.0 * n_tok * self._params_per_block * (stop - start)
                 if logits:
                     if last_norm is None:
-                        last_norm = self.model.ln_final(x[:, -1:])
-                    logits_ = _soft_cap(self.model.unembed(last_norm)[:, -1], self._soft_cap)
-                    rows.append(logits_.float().cpu())
+                        last_norm = self._final_norm(_at(x, prep.last))
+                    rows.append(self._unembed(last_norm).float().cpu())
                     self.flops += 2.0 * x.shape[0] * self._unembed_params
         out_logits = self._in_prompt_order(rows) if logits else None
         return RunOutput(sums, out_logits)
@@ -334,6 +372,11 @@ _MIN_SHARED_SAVING = 0.25
 def _soft_cap(logits: Tensor, cap: float) -> Tensor:
     """``cap · tanh(logits / cap)`` (final-logit soft-capping); unchanged for ``cap <= 0``."""
     return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+
+def _at(x: Tensor, cols: Tensor) -> Tensor:
+    """``x[b, cols[b]]`` for every row ``b`` of a ``[batch, pos, ...]`` tensor."""
+    return x[torch.arange(x.shape[0], device=x.device), cols.to(x.device)]
 
 
 def _hidden(out: Any) -> Tensor:
@@ -380,8 +423,9 @@ def clean_logits(
     prompts = prompts_for(model, prompts)
     device = next(model.parameters()).device
     out: Tensor | None = None
+    keep = last_logits_only(model)
     for batch in prompts.batches(batch_size):
-        logits = model(batch.tokens.to(device), attention_mask=batch.attention_mask.to(device))
+        logits = model(batch.tokens.to(device), attention_mask=batch.attention_mask.to(device), **keep)
         last = logits[:, -1].float().cpu()
         if out is None:
             out = torch.empty(len(prompts), last.shape[-1], dtype=torch.float32)

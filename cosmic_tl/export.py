@@ -2,9 +2,23 @@
 
 Removing ``r̂`` from every weight that writes into the residual stream (token and
 position embeddings, attention output and MLP output projections, and their biases)
-is exactly linear directional ablation at every layer (LCE), without hooks::
+is exactly linear directional ablation at every layer (LCE), without hooks, on blocks
+that add the sub-layers' outputs to the residual stream as they are (Llama, Qwen2,
+Mistral, Phi-3: both placements of LCE ablation are the same hook points there)::
 
     W ← W − r̂ r̂ᵀ W      (matrices writing into the residual stream)
+
+**Post-norm blocks (Gemma 2 and 3)** add ``post_norm(attn(x))`` and
+``post_norm(mlp(x))``. The edit removes ``r̂`` from the attention and MLP outputs
+*before* the post-norms, whose elementwise scale puts some of it back into the
+residual stream, and nothing removes it again from the blocks' inputs. The edited
+model therefore equals neither LCE ablation placement: not ``"residual"`` (which
+removes ``r̂`` after the post-norms) and not ``"published"`` either (which also
+removes it from every block's input). It equals hooks on ``blocks.0.hook_resid_pre``,
+``attn.hook_out`` and ``mlp.hook_out`` alone (measured on tiny random Gemma 2/3 to
+1e-6). No weight edit reproduces either placement there, since an RMSNorm's
+elementwise scale cannot be made to keep a vector orthogonal to ``r̂``;
+:func:`orthogonalize` warns (:class:`PostNormWarning`).
 
 The edited model is saved as an ordinary Hugging Face directory. ACE (affine) ablation
 is a one-layer edit that has no equivalent weight change here; export LCE.
@@ -13,6 +27,7 @@ is a one-layer edit that has no equivalent weight change here; export LCE.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, cast
 
@@ -20,11 +35,16 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from cosmic_tl.interventions import unit
+from cosmic_tl.interventions import HookPoints, unit
+from cosmic_tl.models.boot import model_id
 from cosmic_tl.selection import Selection
 from cosmic_tl.store import load_record, save_record
 
 DIRECTION_KIND = "cosmic_tl.Direction"
+
+
+class PostNormWarning(UserWarning):
+    """Orthogonalised weights do not equal hook-based LCE ablation on this model."""
 
 
 def save_direction(
@@ -72,12 +92,27 @@ def _writers(model: Any) -> list[nn.Module]:
 def orthogonalize(model: Any, direction: Float[Tensor, " d_model"]) -> Any:
     """Remove ``direction`` from every residual-writing weight of a bridge, in place.
 
-    Tied input/output embeddings are untied first, so the unembedding is unchanged.
-    Returns the same model.
+    The result equals LCE ablation with hooks (``intervene(model, Intervention("ablate",
+    "lce", direction))``) on blocks without post-sub-layer norms. On blocks with them
+    (Gemma 2 and 3) it equals neither placement and a :class:`PostNormWarning` says
+    so (see the module docstring for what it does equal). Tied input/output
+    embeddings are untied first, so the unembedding is unchanged. Returns the same
+    model.
     """
     d = model.cfg.d_model
     if direction.ndim != 1 or direction.shape[0] != d:
         raise ValueError(f"direction must have shape [{d}], got {tuple(direction.shape)}")
+    if HookPoints.of(model).has_post_norms:
+        warnings.warn(
+            f"{model_id(model)} has post-sub-layer norms (Gemma 2/3 style): the orthogonalised "
+            "weights remove the direction from the attention and MLP outputs before those "
+            "norms, whose elementwise scale puts some of it back into the residual stream. "
+            "The edited model equals neither LCE ablation placement ('residual' or "
+            "'published'), so it is not the model that was scored; hook-based ablation "
+            "(cosmic_tl.intervene) reproduces the scored one",
+            PostNormWarning,
+            stacklevel=2,
+        )
     hf = model.original_model
     out_emb, in_emb = hf.get_output_embeddings(), hf.get_input_embeddings()
     if out_emb is not None and out_emb.weight is in_emb.weight:
@@ -124,7 +159,11 @@ def plain_hf_model(model: Any) -> Any:
 def save_orthogonalized(
     model: Any, direction: Float[Tensor, " d_model"], out: str | os.PathLike[str]
 ) -> Path:
-    """Orthogonalise ``model`` in place and save it (with its tokenizer) as an HF directory."""
+    """Orthogonalise ``model`` in place and save it (with its tokenizer) as an HF directory.
+
+    On post-norm models (Gemma 2 and 3) the saved model is not the hook-ablated one:
+    see :func:`orthogonalize`, which warns.
+    """
     target = Path(out)
     if target.exists():
         raise FileExistsError(f"{target} exists; choose a new directory")

@@ -36,6 +36,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from cosmic_tl.activations import check_hook_points
 from cosmic_tl.config import Mode, Placement
 from cosmic_tl.models.boot import model_id
 
@@ -160,6 +161,11 @@ _SUBLAYER_OUTPUTS: dict[Placement, tuple[str, str]] = {
 }
 
 
+# The bridge's post-sub-layer norms (Gemma 2 and 3: post_attention_layernorm and
+# post_feedforward_layernorm).
+_POST_NORMS = ("ln1_post.hook_out", "ln2_post.hook_out")
+
+
 @dataclass(frozen=True)
 class HookPoints:
     """The hook points a model offers, which :func:`intervention_hooks` chooses from.
@@ -185,6 +191,12 @@ class HookPoints:
             int(model.cfg.n_layers), int(model.cfg.d_model), frozenset(model.hook_dict), model_id(model)
         )
 
+    @property
+    def has_post_norms(self) -> bool:
+        """Whether blocks norm their sub-layers' outputs before adding them (Gemma 2 and 3),
+        so that the two LCE ablation placements differ (``False`` when unknown)."""
+        return any(n.endswith(_POST_NORMS) for n in self.names or ())
+
     def ablation_names(self, placement: Placement = "residual") -> list[str]:
         """Where LCE ablation applies: every block's input and its attention and MLP outputs."""
         points = ("hook_resid_pre", *_SUBLAYER_OUTPUTS[placement])
@@ -195,13 +207,7 @@ class HookPoints:
 
     def require(self, names: list[str], purpose: str) -> list[str]:
         """``names``, or a ``ValueError`` naming the model and the hook points it lacks."""
-        missing = [] if self.names is None else [n for n in names if n not in self.names]
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise ValueError(
-                f"{self.model} has no hook point {missing[0]!r}{more}, which {purpose} needs"
-            )
-        return names
+        return check_hook_points(self.model, self.names, names, purpose)
 
 
 def intervention_hooks(

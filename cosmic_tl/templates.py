@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Int
@@ -36,16 +36,19 @@ def format_prompt(tokenizer: Any, instruction: str, system: str | None = None) -
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError(
-            "this tokenizer has no chat template, so prompts cannot be formatted as chat "
-            "turns. Set one before use: `model.tokenizer.chat_template = '<jinja template>'` "
-            "(e.g. copied from the instruction-tuned sibling of this model)"
+            f"the tokenizer of {tokenizer_name(tokenizer)} has no chat template, so prompts "
+            "cannot be formatted as chat turns. Set one before use: "
+            "`model.tokenizer.chat_template = '<jinja template>'` (e.g. copied from the "
+            "instruction-tuned sibling of this model)"
         )
     try:
         text = tokenizer.apply_chat_template(
             _messages(instruction, system), add_generation_prompt=True, tokenize=False
         )
     except Exception as err:  # jinja raises its own TemplateError types
-        raise ChatTemplateError(f"the chat template failed to render: {err}") from err
+        raise ChatTemplateError(
+            f"the chat template of {tokenizer_name(tokenizer)} failed to render: {err}"
+        ) from err
     return str(text)
 
 
@@ -65,6 +68,12 @@ class EOI:
         return tuple(range(-k, 0))
 
 
+def tokenizer_name(tokenizer: Any) -> str:
+    """The model a tokenizer belongs to, for error messages (its ``name_or_path``)."""
+    name = str(getattr(tokenizer, "name_or_path", "") or "")
+    return repr(name) if name else "this model"
+
+
 def token_label(tokenizer: Any, token_id: int) -> str:
     """A readable label for one token (newlines and spaces made visible)."""
     text = tokenizer.decode([token_id])
@@ -78,37 +87,65 @@ def end_of_instruction(tokenizer: Any, system: str | None = None) -> EOI:
     sentinel is tokenized on its own and checked to be the tail of the full
     tokenized prompt (so tokens do not merge across the boundary).
     """
+    name = tokenizer_name(tokenizer)
     text = format_prompt(tokenizer, _SENTINEL, system)
     if text.count(_SENTINEL) != 1:
-        raise ChatTemplateError("the chat template does not place the instruction verbatim")
+        raise ChatTemplateError(
+            f"the chat template of {name} does not place the instruction verbatim (it appears "
+            f"{text.count(_SENTINEL)} times in the rendered prompt), so the end-of-instruction "
+            "tokens cannot be found"
+        )
     suffix = text.split(_SENTINEL, 1)[1]
-    if not suffix:
-        raise ChatTemplateError("the chat template adds nothing after the instruction")
-    suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+    suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+    if not suffix_ids:
+        raise ChatTemplateError(
+            f"the chat template of {name} puts no tokens after the instruction "
+            f"(rendered: {text[-60:]!r}), so there are no end-of-instruction tokens to read "
+            "candidate directions at. Use a template that closes the user turn and opens the "
+            "assistant's (add_generation_prompt), e.g. `model.tokenizer.chat_template = ...`"
+        )
     full_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     k = len(suffix_ids)
-    if k == 0 or list(full_ids[-k:]) != list(suffix_ids):
+    if list(full_ids[-k:]) != list(suffix_ids):
         raise ChatTemplateError(
-            "the end-of-instruction text does not tokenize the same on its own as at the "
-            "end of a prompt; cannot derive end-of-instruction tokens for this template"
+            f"with the chat template of {name} the end-of-instruction text {suffix!r} does not "
+            "tokenize the same on its own as at the end of a prompt (tokens merge across the "
+            "instruction's end); cannot derive end-of-instruction tokens for this template"
         )
     return EOI(tuple(int(t) for t in suffix_ids), tuple(token_label(tokenizer, t) for t in suffix_ids))
 
 
 @dataclass(frozen=True)
 class Batch:
-    """A left-padded batch of tokenized prompts."""
+    """A padded batch of tokenized prompts.
+
+    Left-padded (the default) every prompt ends at the last column, as generation
+    and a whole-prompt forward need; right-padded (``right_padded``) every prompt
+    starts at column 0, so that tokens put in front of the batch (a shared prefix's
+    keys and values) are contiguous with every prompt. ``last`` is each prompt's last
+    column either way.
+    """
 
     tokens: Int[Tensor, "batch pos"]
     attention_mask: Int[Tensor, "batch pos"]
     index: tuple[int, ...]  # which prompts of the caller's list these rows are
+    right_padded: bool = False
 
     @property
     def lengths(self) -> Int[Tensor, " batch"]:
         return self.attention_mask.sum(-1)
 
+    @property
+    def last(self) -> Int[Tensor, " batch"]:
+        """The column of each prompt's last token."""
+        if self.right_padded:
+            return self.lengths - 1
+        return torch.full((self.tokens.shape[0],), self.tokens.shape[1] - 1, dtype=torch.long)
+
     def rows(self) -> list[Int[Tensor, " tokens"]]:
         """Each prompt's tokens without the padding."""
+        if self.right_padded:
+            return [self.tokens[i, : int(n)] for i, n in enumerate(self.lengths)]
         width = self.tokens.shape[1]
         return [self.tokens[i, width - int(n) :] for i, n in enumerate(self.lengths)]
 
@@ -131,13 +168,25 @@ def encode(
 
 def left_pad(ids: Sequence[Sequence[int]], pad_id: int, index: Sequence[int]) -> Batch:
     """Stack token rows into a left-padded batch with its attention mask."""
+    return pad(ids, pad_id, index)
+
+
+def pad(
+    ids: Sequence[Sequence[int]],
+    pad_id: int,
+    index: Sequence[int],
+    *,
+    side: Literal["left", "right"] = "left",
+) -> Batch:
+    """Stack token rows into a batch padded on ``side``, with its attention mask."""
     width = max(len(r) for r in ids)
     tokens = torch.full((len(ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(ids), width), dtype=torch.long)
     for i, row in enumerate(ids):
-        tokens[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row) :] = 1
-    return Batch(tokens, mask, tuple(index))
+        cols = slice(width - len(row), None) if side == "left" else slice(0, len(row))
+        tokens[i, cols] = torch.tensor(row, dtype=torch.long)
+        mask[i, cols] = 1
+    return Batch(tokens, mask, tuple(index), right_padded=side == "right")
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -297,8 +346,11 @@ def shared_prefix_length(batches: Sequence[Batch]) -> int:
     return n
 
 
-def drop_prefix(batch: Batch, n: int, pad: int) -> Batch:
-    """The same prompts without their first ``n`` tokens, left-padded again with ``pad``."""
+def drop_prefix(
+    batch: Batch, n: int, pad_token: int, *, side: Literal["left", "right"] = "left"
+) -> Batch:
+    """The same prompts without their first ``n`` tokens, padded again with ``pad_token``
+    on ``side``."""
     if n < 0 or n >= int(batch.lengths.min()):
         raise ValueError(f"cannot drop {n} tokens from prompts as short as {int(batch.lengths.min())}")
-    return left_pad([row[n:].tolist() for row in batch.rows()], pad, batch.index)
+    return pad([row[n:].tolist() for row in batch.rows()], pad_token, batch.index, side=side)

@@ -19,61 +19,31 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import HARMFUL, HARMLESS
+from tiny_models import save_tiny
 from torch import Tensor
 
 from cosmic_tl.interventions import HookPoints, Intervention, intervene, intervention_hooks
-from cosmic_tl.models import alias_dir, load_model
+from cosmic_tl.models import load_model
 from cosmic_tl.templates import batches
 
 PROMPTS = [*HARMFUL[:2], *HARMLESS[:2]]
 TOL = 1e-4
-
-
-def _save_tiny(out: Path, model_cls: type, config_cls: type, **extra: object) -> Path:
-    """A 4-block random model with SmolLM2's tokenizer, weights large enough to matter.
-
-    The norm weights are random too: Gemma's RMSNorm scales by ``1 + weight``, which
-    is 1 at initialisation, and a uniform scale would keep an ablated tensor
-    orthogonal to r̂ after the post-norms (the two placements would then agree).
-    """
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(alias_dir("smollm2-135m-instruct"))
-    cfg = config_cls(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        # shorter than the prompts (about 35 tokens), so sliding-window layers differ
-        sliding_window=16,
-        layer_types=["sliding_attention", "full_attention"] * 2,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        **extra,
-    )
-    torch.manual_seed(0)
-    model = model_cls(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(0.0, 0.5)
-            elif p.ndim == 2 and "embed" not in name:
-                p.mul_(4.0)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+# Gemma-style blocks, SmolLM2's tokenizer and template (so a 24-token shared system turn);
+# sliding windows shorter than the prompts (about 35 tokens), so that they matter.
+GEMMA = dict(
+    head_dim=16,
+    sliding_window=16,
+    layer_types=["sliding_attention", "full_attention"] * 2,
+)
 
 
 @pytest.fixture(scope="module")
 def gemma3_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    return _save_tiny(tmp_path_factory.mktemp("tiny-gemma3"), Gemma3ForCausalLM, Gemma3TextConfig)
+    return save_tiny(
+        tmp_path_factory.mktemp("tiny-gemma3"), Gemma3ForCausalLM, Gemma3TextConfig, **GEMMA
+    )
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +51,12 @@ def gemma2_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> P
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     # A low logit cap (the real one is 30) so that capped and uncapped logits differ clearly.
-    return _save_tiny(
+    return save_tiny(
         tmp_path_factory.mktemp("tiny-gemma2"),
         Gemma2ForCausalLM,
         Gemma2Config,
         final_logit_softcapping=5.0,
+        **GEMMA,
     )
 
 
@@ -340,21 +311,21 @@ def test_engine_shares_prompt_tokens_on_gemma3_without_padding(models):
     _runner_matches_plain(model, same_length)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="With shared prompt tokens a padded row is [shared prefix][padding][rest], so "
-    "the padding sits inside the sequence, and a sliding-window layer whose window is "
-    "shorter than the prompt sees padding slots where a whole-prompt forward "
-    "([padding][prompt]) sees real tokens. The runner's build-time check notices, warns "
-    "and replays whole prompts (results stay right, the saving is lost).",
-)
 def test_engine_shares_prompt_tokens_on_gemma3_with_padding(models):
+    """With padding the rest of each prompt is right-padded after the shared tokens, so a
+    sliding-window layer whose window is shorter than the prompt sees the same tokens as
+    in a whole-prompt forward (left padding would put the padding inside the sequence)."""
     from cosmic_tl.engine import Runner
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        runner = Runner(models["gemma3"][1], PROMPTS, batch_size=2)
-    assert runner.shared_tokens > 0, [str(w.message) for w in caught]
+    model = models["gemma3"][1]
+    lengths = batches(model.tokenizer, PROMPTS, 2)
+    assert any(len(set(b.attention_mask.sum(1).tolist())) > 1 for b in lengths)
+    assert max(int(b.attention_mask.sum(1).max()) for b in lengths) > 16  # the window
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to whole prompts
+        runner = Runner(model, PROMPTS, batch_size=2)
+    assert runner.shared_tokens > 0
+    _runner_matches_plain(model, PROMPTS)
 
 
 def test_engine_replays_gemma2(models):

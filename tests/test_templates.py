@@ -98,6 +98,24 @@ def test_shared_prefix_and_drop_prefix():
     assert shared_prefix_length(same) == 2
     with pytest.raises(ValueError, match="cannot drop"):
         drop_prefix(b, 4, 0)
+    assert b.last.tolist() == [5, 5, 5] and not b.right_padded
+
+
+def test_right_padded_batches_keep_each_prompts_last_column():
+    """After a shared prefix the rest is right-padded: [prefix][prompt][padding]."""
+    from cosmic_tl.templates import drop_prefix, left_pad, pad
+
+    rows = [[5, 6, 7, 1, 2], [5, 6, 7, 3], [5, 6, 9, 9, 9, 4]]
+    cut = drop_prefix(left_pad(rows, 0, [0, 1, 2]), 2, 0, side="right")
+    assert cut.right_padded
+    assert cut.tokens.tolist() == [[7, 1, 2, 0], [7, 3, 0, 0], [9, 9, 9, 4]]
+    assert cut.attention_mask.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
+    assert cut.last.tolist() == [2, 1, 3]
+    assert [r.tolist() for r in cut.rows()] == [[7, 1, 2], [7, 3], [9, 9, 9, 4]]
+    assert (
+        pad(rows, 0, [0, 1, 2], side="left").tokens.tolist()
+        == left_pad(rows, 0, [0, 1, 2]).tokens.tolist()
+    )
 
 
 def test_chat_template_prefix_is_shared(tok):
