@@ -4,6 +4,7 @@
     cosmic-tl candidates|score|select|evaluate ...   (run up to that stage)
     cosmic-tl report --out runs/NAME                 (re-render report.html)
     cosmic-tl export --out runs/NAME --to DIR        (model with the direction removed from its weights)
+    cosmic-tl export runs/NAME --format gguf         (the same, the model and a control vector for llama.cpp)
     cosmic-tl models                                 (aliases and whether they are built)
     cosmic-tl build smollm2-135m-refuse              (build an organism ahead of time)
 
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cosmic_tl.config import BASELINE_METHODS, PRESETS, Config, SelectionSettings, check_device, preset
+from cosmic_tl.gguf_export import GGUF_PARTS
 
 STAGE_COMMANDS = {
     "candidates": "candidates",
@@ -111,11 +113,37 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", type=Path, required=True)
     exp = sub.add_parser(
         "export",
-        help="save the run's model with the COSMIC direction "
-        "orthogonalised out of its weights (LCE ablation) as an HF directory",
+        help="save the run's model with the COSMIC direction orthogonalised out of its weights "
+        "(LCE ablation): as an HF directory, or as GGUF files for llama.cpp with the direction "
+        "as a control vector",
     )
-    exp.add_argument("--out", type=Path, required=True, help="the run directory")
-    exp.add_argument("--to", type=Path, required=True, help="new directory for the edited model")
+    exp.add_argument("run", type=Path, nargs="?", default=None, help="the run directory")
+    exp.add_argument("--out", type=Path, default=None, help="the run directory (as RUN)")
+    exp.add_argument(
+        "--to",
+        type=Path,
+        default=None,
+        help="new directory for the edited model (hf, required) or the GGUF files "
+        "(gguf, default: RUN/gguf)",
+    )
+    exp.add_argument("--format", choices=["hf", "gguf"], default="hf", help="default: hf")
+    exp.add_argument("--type", default="f16", help="GGUF tensor type: f32, f16 or q8_0 (default: f16)")
+    exp.add_argument(
+        "--parts",
+        nargs="+",
+        default=list(GGUF_PARTS),
+        choices=list(GGUF_PARTS),
+        metavar="PART",
+        help="GGUF files to write: edited (orthogonalised model), original (the model the "
+        "control vector steers), control-vector (default: all three)",
+    )
+    exp.add_argument(
+        "--linear-addition",
+        action="store_true",
+        help="for an ACE pick, write the linear part of its addition (+ alpha r) as the "
+        "control vector (ACE itself cannot be one)",
+    )
+    exp.add_argument("--force", action="store_true", help="overwrite existing output files")
     sub.add_parser("models", help="list built-in model aliases and whether they are built")
     b = sub.add_parser("build", help="build model aliases (e.g. the organisms) into the cache")
     b.add_argument("aliases", nargs="+", metavar="alias")
@@ -166,17 +194,7 @@ def _dispatch(ns: argparse.Namespace, say: Any) -> int:
     from cosmic_tl.store import read_json
 
     if ns.command == "export":
-        from cosmic_tl.config import torch_dtype
-        from cosmic_tl.export import load_direction, save_orthogonalized
-
-        run = RunDir(ns.out)
-        cfg = Config.from_dict(read_json(run.config))
-        check_device(cfg.device)
-        direction, _, meta = load_direction(run.direction)
-        model = models.load_model(cfg.model, device=cfg.device, dtype=torch_dtype(cfg.dtype))
-        say(f"orthogonalising layer-{meta.get('layer')} direction out of {cfg.model} ...")
-        say(f"saved: {save_orthogonalized(model, direction.float(), ns.to)}")
-        return 0
+        return _export(ns, say)
     if ns.command == "report":
         cfg = Config.from_dict(read_json(RunDir(ns.out).config))
         with Pipeline(cfg, ns.out, progress=False, say=say) as pipe:
@@ -193,6 +211,62 @@ def _dispatch(ns: argparse.Namespace, say: Any) -> int:
         else:
             getattr(pipe, stage)()
             pipe.report()
+    return 0
+
+
+def _export(ns: argparse.Namespace, say: Any) -> int:
+    """``cosmic-tl export``: the run's pick as an HF directory or as GGUF files."""
+    from cosmic_tl import models
+    from cosmic_tl.config import torch_dtype
+    from cosmic_tl.export import load_direction, save_orthogonalized
+    from cosmic_tl.gguf_export import GGUF_TYPES, export_gguf
+    from cosmic_tl.rundir import RunDir
+    from cosmic_tl.store import read_json, record_paths
+
+    if ns.run is not None and ns.out is not None and ns.run != ns.out:
+        raise ValueError(f"two run directories given: {ns.run} and --out {ns.out}")
+    root = ns.run or ns.out
+    if root is None:
+        raise ValueError("name the run directory: cosmic-tl export RUN (or --out RUN)")
+    if ns.format == "hf" and ns.to is None:
+        raise ValueError("--format hf needs --to DIR, a new directory for the edited model")
+    if ns.format == "gguf" and ns.type not in GGUF_TYPES:
+        raise ValueError(f"unknown GGUF type {ns.type!r}; choose one of {', '.join(GGUF_TYPES)}")
+    run = RunDir(root)
+    if not run.config.is_file():
+        raise ValueError(f"{root} is not a run directory (no config.json)")
+    if not record_paths(run.direction)[1].is_file():
+        raise ValueError(
+            f"{root} has no pick (no direction.json): run `cosmic-tl select --out {root}`, "
+            "or see selection_cosmic.json for why COSMIC found no candidate"
+        )
+    cfg = Config.from_dict(read_json(run.config))
+    check_device(cfg.device)
+    direction, _, meta = load_direction(run.direction)
+    layer = int(meta["layer"])
+    if ns.format == "hf":
+        model = models.load_model(cfg.model, device=cfg.device, dtype=torch_dtype(cfg.dtype))
+        say(f"orthogonalising the layer-{layer} direction out of {cfg.model} ...")
+        say(f"saved: {save_orthogonalized(model, direction.float(), ns.to, force=ns.force)}")
+        return 0
+    model = models.load_model(cfg.model, device=cfg.device, dtype=torch_dtype(cfg.dtype))
+    say(f"writing {', '.join(ns.parts)} of {cfg.model} as {ns.type} GGUF ...")
+    done = export_gguf(
+        model,
+        direction.float(),
+        ns.to or run.root / "gguf",
+        layer=layer,
+        mode=meta.get("mode", cfg.mode),
+        alpha=float(meta.get("alpha", cfg.alpha)),
+        type=ns.type,
+        parts=tuple(ns.parts),
+        linear=ns.linear_addition,
+        force=ns.force,
+    )
+    for part, path in done.files.items():
+        say(f"saved {part}: {path}")
+    if done.command:
+        say(f"add alpha*r at the input of block {layer} in llama.cpp: {done.command}")
     return 0
 
 

@@ -27,6 +27,7 @@ is a one-layer edit that has no equivalent weight change here; export LCE.
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any, cast
@@ -156,20 +157,53 @@ def plain_hf_model(model: Any) -> Any:
     return plain
 
 
-def save_orthogonalized(
-    model: Any, direction: Float[Tensor, " d_model"], out: str | os.PathLike[str]
-) -> Path:
-    """Orthogonalise ``model`` in place and save it (with its tokenizer) as an HF directory.
+def source_tokenizer(model: Any) -> Any:
+    """The tokenizer as the model's directory ships it.
 
+    The bridge's own tokenizer is changed by TransformerLens (it prepends BOS), which
+    an exported model's users would inherit (and llama.cpp's ``add_bos_token`` with it).
+    """
+    from transformers import AutoTokenizer
+
+    source = str(getattr(model.tokenizer, "name_or_path", "") or "")
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"could not reload the tokenizer from {source!r}: {err}") from err
+
+
+def save_orthogonalized(
+    model: Any,
+    direction: Float[Tensor, " d_model"],
+    out: str | os.PathLike[str],
+    *,
+    force: bool = False,
+) -> Path:
+    """Orthogonalise ``model`` in place and save it (with the tokenizer of its directory,
+    :func:`source_tokenizer`) as an HF directory.
+
+    An existing ``out`` is refused, or with ``force`` replaced once the new one is written.
     On post-norm models (Gemma 2 and 3) the saved model is not the hook-ablated one:
     see :func:`orthogonalize`, which warns.
     """
     target = Path(out)
-    if target.exists():
-        raise FileExistsError(f"{target} exists; choose a new directory")
+    if target.exists() and not force:
+        raise FileExistsError(f"{target} exists; choose a new directory (or --force to replace it)")
     orthogonalize(model, direction)
     tmp = target.with_name(f".{target.name}.partial")
-    plain_hf_model(model).save_pretrained(tmp, safe_serialization=True)
-    model.tokenizer.save_pretrained(tmp)
-    os.replace(tmp, target)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        plain_hf_model(model).save_pretrained(tmp, safe_serialization=True)
+        source_tokenizer(model).save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
     return target

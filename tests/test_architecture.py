@@ -31,6 +31,7 @@ LAYERS: dict[str, int] = {
     "planner": 5,
     "evaluation": 6,
     "export": 6,
+    "gguf_export": 6,
     "plots": 6,
     "models.organisms.texts": 7,
     "models.organisms.recipes": 7,

@@ -43,3 +43,20 @@ def test_tied_embeddings_are_untied(smollm2_dir, tmp_path):
     assert torch.equal(hf.get_output_embeddings().weight, before)
     r_hat = r / r.norm()
     assert float((hf.get_input_embeddings().weight @ r_hat).abs().max()) < 1e-4
+
+
+def test_export_force_replaces_and_keeps_the_source_tokenizer(tiny_dir, tmp_path):
+    """An existing directory is refused, or with force replaced with nothing left over; the
+    tokenizer saved is the model directory's, not the bridge's (which prepends BOS)."""
+    import pytest
+    from transformers import AutoTokenizer
+
+    model = load_model(tiny_dir, device="cpu")
+    r = torch.randn(model.cfg.d_model)
+    out = save_orthogonalized(model, r, tmp_path / "ortho")
+    with pytest.raises(FileExistsError, match="--force"):
+        save_orthogonalized(model, r, out)
+    save_orthogonalized(load_model(tiny_dir, device="cpu"), r, out, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ortho"]
+    source = AutoTokenizer.from_pretrained(tiny_dir)
+    assert AutoTokenizer.from_pretrained(out)("hi")["input_ids"] == source("hi")["input_ids"]
