@@ -73,6 +73,10 @@ def _write_atomically(target: Path, arch: str, fill: Callable[[Any], None]) -> P
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     os.close(fd)
+    # gguf logs its plan (the temporary name) at INFO; keep the CLI's output to our lines
+    quiet = logging.getLogger("gguf")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
     writer = gguf.GGUFWriter(tmp, arch)
     try:
         fill(writer)
@@ -82,6 +86,7 @@ def _write_atomically(target: Path, arch: str, fill: Callable[[Any], None]) -> P
         writer.close()
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a model file is not
         os.replace(tmp, target)
     except OSError as err:
         writer.close()
@@ -94,7 +99,15 @@ def _write_atomically(target: Path, arch: str, fill: Callable[[Any], None]) -> P
         writer.close()
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        quiet.setLevel(level)
     return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 # ---------------------------------------------------------------------------- architectures

@@ -4,6 +4,8 @@ loader, the control vector laid out as llama.cpp's loader reads it, and bad inpu
 from __future__ import annotations
 
 import errno
+import os
+import stat
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -290,6 +292,9 @@ def test_existing_output_is_refused_unless_forced(edited, tmp_path):
     with pytest.raises(FileExistsError, match="--force"):
         save_gguf(edited, path)
     save_control_vector(path, _r(64), layer=3, n_layers=4, force=True)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # not mkstemp's private 0600
     from gguf import GGUFReader
 
     assert GGUFReader(path).fields["cosmic_tl.layer"].contents() == 3
