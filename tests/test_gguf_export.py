@@ -367,3 +367,49 @@ def test_export_gguf_checks_everything_before_writing(edited, tmp_path):
     with pytest.raises(FileExistsError):
         export_gguf(edited, _r(64), tmp_path, layer=2, mode="lce")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["control-vector.gguf"]
+
+
+def test_llama_cpp_runs_both_files_as_cosmic_tl_does(tiny, tiny_dir, edited, files, tmp_path):
+    """llama.cpp itself, where llama-cpp-python is installed: the orthogonalised file gives
+    the orthogonalised model's logits, and the unedited file with the control vector (laid
+    out as llama.cpp's --control-vector-scaled loader lays it out) gives the hooked addition."""
+    import ctypes
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from gguf import GGUFReader
+
+    from cosmic_tl.templates import chat_prompts
+
+    n, d, layer, alpha = tiny.cfg.n_layers, tiny.cfg.d_model, 2, 3.0
+    r = _r(d)
+    original = save_gguf(load_model(tiny_dir, device="cpu"), tmp_path / "m.gguf", type="f32")
+    cv = save_control_vector(tmp_path / "cv.gguf", r, layer=layer, n_layers=n)
+    hf = plain_hf_model(edited).eval()
+    ids = list(chat_prompts(tiny.tokenizer, PROMPTS[:2]).ids)
+
+    def run(path: Path, vector: dict[int, np.ndarray] | None = None) -> list[np.ndarray]:
+        # F32 KV cache (GGML type 0): the default F16 cache alone moves logits by ~1e-2
+        llm = llama_cpp.Llama(str(path), n_ctx=256, logits_all=True, verbose=False, type_k=0, type_v=0)
+        if vector is not None:
+            buf = np.zeros(d * (n - 1), dtype=np.float32)
+            for i, v in vector.items():
+                buf[(i - 1) * d : i * d] = alpha * v
+            ptr = buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            assert llama_cpp.llama_set_adapter_cvec(llm.ctx, ptr, buf.size, d, 1, n - 1) == 0
+        out = []
+        for x in ids:
+            llm.reset()
+            llm.eval(list(x))
+            out.append(np.array(llm.scores[: len(x)]))
+        llm.close()
+        return out
+
+    with torch.no_grad():
+        expected = [hf(torch.tensor([x])).logits[0].numpy() for x in ids]
+    for got, want in zip(run(files["f32"]), expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+    vector = {int(t.name.split(".")[1]): np.array(t.data) for t in GGUFReader(cv).tensors}
+    with torch.no_grad(), intervene(tiny, Intervention("add", "lce", r, layer=layer, alpha=alpha)):
+        expected = [tiny(torch.tensor([x]))[0].numpy() for x in ids]
+    for got, want in zip(run(original, vector), expected, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
