@@ -193,16 +193,25 @@ class Pipeline:
             self._model = model
         return self._model
 
+    def _format(self, instructions: list[str]) -> Prompts:
+        """Instructions formatted with the run's system prompt, checked against the context."""
+        return chat_prompts(
+            self.model.tokenizer,
+            instructions,
+            system=self.cfg.system_prompt,
+            max_len=context_length(self.model),
+        )
+
     def chat(self, name: str) -> Prompts:
         """Prompt set ``name`` formatted (with the run's system prompt) and tokenised once."""
         if name not in self._chat:
-            self._chat[name] = chat_prompts(
-                self.model.tokenizer,
-                self.prompts[name],
-                system=self.cfg.system_prompt,
-                max_len=context_length(self.model),
-            )
+            self._chat[name] = self._format(self.prompts[name])
         return self._chat[name]
+
+    def _save_candidates(self, harmful: Prompts, harmless: Prompts, path: Path) -> None:
+        compute_candidates(
+            self.model, harmful, harmless, batch_size=self.cfg.batch_size, progress=self.progress
+        ).save(path)
 
     def _stage(
         self, name: str, upstream: list[str], extra: Any, work: Callable[[], dict[str, Any] | None]
@@ -224,14 +233,8 @@ class Pipeline:
     # ------------------------------------------------------------------ stages
     def candidates(self) -> None:
         def work() -> None:
-            c = compute_candidates(
-                self.model,
-                self.chat("harmful_train"),
-                self.chat("harmless_train"),
-                batch_size=self.cfg.batch_size,
-                progress=self.progress,
-            )
-            c.save(self.dir.candidates())
+            train = self.chat("harmful_train"), self.chat("harmless_train")
+            self._save_candidates(*train, self.dir.candidates())
 
         self._stage("candidates", [], self.prompts.hash("harmful_train", "harmless_train"), work)
 
@@ -265,15 +268,7 @@ class Pipeline:
     def _filtered(self) -> tuple[tuple[str, ...], dict[str, Prompts]]:
         """The filter's refusal tokens and its kept prompts, formatted like the others."""
         data = read_json(self.dir.filtered_prompts)
-        sets = {
-            name: chat_prompts(
-                self.model.tokenizer,
-                prompts,
-                system=self.cfg.system_prompt,
-                max_len=context_length(self.model),
-            )
-            for name, prompts in data["sets"].items()
-        }
+        sets = {name: self._format(prompts) for name, prompts in data["sets"].items()}
         return tuple(data["refusal_tokens"]), sets
 
     def candidates_baseline(self) -> None:
@@ -282,14 +277,8 @@ class Pipeline:
 
         def work() -> None:
             _, sets = self._filtered()
-            c = compute_candidates(
-                self.model,
-                sets["harmful_train"],
-                sets["harmless_train"],
-                batch_size=self.cfg.batch_size,
-                progress=self.progress,
-            )
-            c.save(self.dir.candidates(filtered=True))
+            train = sets["harmful_train"], sets["harmless_train"]
+            self._save_candidates(*train, self.dir.candidates(filtered=True))
 
         self._stage("candidates_baseline", ["filter"], None, work)
 
@@ -382,11 +371,12 @@ class Pipeline:
     def evaluate(self) -> None:
         self.select()
 
+        judge = run_judge(self.cfg)
+
         def work() -> dict[str, Any]:
-            self._evaluate().save(self.dir.metrics)
+            self._evaluate(judge).save(self.dir.metrics)
             return {}
 
-        judge = run_judge(self.cfg)
         self._stage(
             "evaluate",
             ["select"],
@@ -394,9 +384,8 @@ class Pipeline:
             work,
         )
 
-    def _evaluate(self) -> RunMetrics:
+    def _evaluate(self, judge: SubstringJudge) -> RunMetrics:
         cfg = self.cfg
-        judge = run_judge(cfg)
         ht, lt = self.chat("harmful_test"), self.chat("harmless_test")
 
         def run(
