@@ -15,10 +15,10 @@ from typing import Any
 from jaxtyping import Float
 from torch import Tensor
 
-from cosmic_tl.activations import mean_activations
+from cosmic_tl.activations import Means, PromptActivations, mean_activations, prompt_activations
 from cosmic_tl.models.boot import model_id
 from cosmic_tl.store import RecordError, load_record, record_paths, save_record
-from cosmic_tl.templates import Prompts, end_of_instruction, prompts_for
+from cosmic_tl.templates import EOI, Prompts, end_of_instruction, prompts_for
 
 
 class IncompatibleError(RecordError):
@@ -138,6 +138,37 @@ KIND = "cosmic_tl.Candidates"
 _TENSORS = ("directions", "harmful_mean", "harmless_mean", "eval_harmful", "eval_harmless")
 
 
+def _prepared(
+    model: Any, harmful: Sequence[str] | Prompts, harmless: Sequence[str] | Prompts
+) -> tuple[Prompts, Prompts, EOI]:
+    """Both training sets as :class:`Prompts` and their end-of-instruction tokens."""
+    if not harmful or not harmless:
+        raise ValueError("need at least one harmful and one harmless prompt")
+    harmful, harmless = prompts_for(model, harmful), prompts_for(model, harmless)
+    if harmful.system != harmless.system:
+        raise ValueError("harmful and harmless prompts were formatted with different system prompts")
+    return harmful, harmless, end_of_instruction(model.tokenizer, harmful.system)
+
+
+def _from_means(
+    mh: Means, ml: Means, eoi: EOI, model: str, n_harmful: int, n_harmless: int
+) -> Candidates:
+    assert mh.eoi is not None and ml.eoi is not None
+    return Candidates(
+        directions=mh.eoi - ml.eoi,
+        harmful_mean=mh.eoi,
+        harmless_mean=ml.eoi,
+        eval_harmful=mh.eval,
+        eval_harmless=ml.eval,
+        positions=eoi.positions,
+        position_labels=eoi.labels,
+        eoi_token_ids=eoi.token_ids,
+        model_id=model,
+        n_harmful=n_harmful,
+        n_harmless=n_harmless,
+    )
+
+
 def compute_candidates(
     model: Any,
     harmful: Sequence[str] | Prompts,
@@ -155,27 +186,50 @@ def compute_candidates(
     >>> cands = compute_candidates(model, harmful_train, harmless_train)  # doctest: +SKIP
     >>> cands.directions.shape  # [k EOI positions, n layers, d_model]     # doctest: +SKIP
     """
-    if not harmful or not harmless:
-        raise ValueError("need at least one harmful and one harmless prompt")
-    harmful, harmless = prompts_for(model, harmful), prompts_for(model, harmless)
-    if harmful.system != harmless.system:
-        raise ValueError("harmful and harmless prompts were formatted with different system prompts")
-    eoi = end_of_instruction(model.tokenizer, harmful.system)
-    k = len(eoi.token_ids)
-    kw: dict[str, Any] = {"n_eoi": k, "batch_size": batch_size}
+    harmful, harmless, eoi = _prepared(model, harmful, harmless)
+    kw: dict[str, Any] = {"n_eoi": len(eoi.token_ids), "batch_size": batch_size}
     mh = mean_activations(model, harmful, progress=progress, desc="harmful means", **kw)
     ml = mean_activations(model, harmless, progress=progress, desc="harmless means", **kw)
-    assert mh.eoi is not None and ml.eoi is not None
-    return Candidates(
-        directions=mh.eoi - ml.eoi,
-        harmful_mean=mh.eoi,
-        harmless_mean=ml.eoi,
-        eval_harmful=mh.eval,
-        eval_harmless=ml.eval,
-        positions=eoi.positions,
-        position_labels=eoi.labels,
-        eoi_token_ids=eoi.token_ids,
-        model_id=model_id(model),
-        n_harmful=len(harmful),
-        n_harmless=len(harmless),
-    )
+    return _from_means(mh, ml, eoi, model_id(model), len(harmful), len(harmless))
+
+
+@dataclass(frozen=True)
+class TrainActivations:
+    """Both training sets' activations per prompt: candidates for any prompt weights.
+
+    A bootstrap resample of the training prompts is a multiset of them, i.e. a count
+    per prompt; :meth:`candidates` with those counts equals :func:`compute_candidates`
+    on the resampled lists (up to float64 summation order), without a model pass.
+    """
+
+    harmful: PromptActivations
+    harmless: PromptActivations
+    eoi: EOI
+    model_id: str
+
+    def candidates(
+        self,
+        harmful_weights: Float[Tensor, " harmful"] | None = None,
+        harmless_weights: Float[Tensor, " harmless"] | None = None,
+    ) -> Candidates:
+        """Candidates with each prompt counted ``weights[i]`` times (default once)."""
+        mh, ml = self.harmful.means(harmful_weights), self.harmless.means(harmless_weights)
+        n_h = len(self.harmful) if harmful_weights is None else round(float(harmful_weights.sum()))
+        n_l = len(self.harmless) if harmless_weights is None else round(float(harmless_weights.sum()))
+        return _from_means(mh, ml, self.eoi, self.model_id, n_h, n_l)
+
+
+def train_activations(
+    model: Any,
+    harmful: Sequence[str] | Prompts,
+    harmless: Sequence[str] | Prompts,
+    *,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> TrainActivations:
+    """The per-prompt activations behind :func:`compute_candidates` (one pass per set)."""
+    harmful, harmless, eoi = _prepared(model, harmful, harmless)
+    kw: dict[str, Any] = {"n_eoi": len(eoi.token_ids), "batch_size": batch_size}
+    ah = prompt_activations(model, harmful, progress=progress, desc="harmful activations", **kw)
+    al = prompt_activations(model, harmless, progress=progress, desc="harmless activations", **kw)
+    return TrainActivations(ah, al, eoi, model_id(model))

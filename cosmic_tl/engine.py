@@ -33,6 +33,7 @@ rounding):
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -60,6 +61,7 @@ class _PreparedBatch:
     last: Tensor  # [batch] each prompt's last column, on the model's device
     block_inputs: list[Tensor | None]  # clean input of each block (None if not kept)
     block_kwargs: list[dict[str, Any]]  # what the model passed each block
+    clean_eval_rows: Tensor  # [batch, layer, d_model] float64, each prompt's own
     clean_eval: Tensor  # [layer, d_model] float64 sums over the batch's prompts
     clean_logits: Tensor  # [batch, d_vocab] at the last position
 
@@ -152,7 +154,11 @@ class Runner:
         # Gemma 2 soft-caps its final logits; the model's own forward does, so must the replay.
         self._soft_cap = float(getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0)
         self._prefix: _SharedPrefix | None = None
+        # A resample (see resampled()): each prompt's count and the drawn prompts' order.
+        self._weights: Tensor | None = None
+        self._index: Tensor | None = None
         prompts = prompts_for(model, prompts)
+        self.n_prompts = len(prompts)
         self._pad = prompts.pad_id
         todo = prompts.batches(batch_size)
         self._batches = [self._prepare(b) for b in todo]
@@ -162,6 +168,38 @@ class Runner:
         )
         if share_prefix:
             self._share_prefix(todo)
+
+    def resampled(self, index: Sequence[int]) -> Runner:
+        """This runner's prompts drawn as ``index`` (repeats allowed), e.g. a bootstrap resample.
+
+        What :meth:`run` returns equals a runner built on ``[prompts[i] for i in index]``
+        (up to float rounding): evaluation sums count prompt ``i`` as often as it is drawn
+        and logits come in the drawn order. The clean caches and the shared prompt tokens
+        are this runner's, so no clean pass is repeated; each intervened pass still runs
+        over the distinct prompts once. Pass and FLOP counters start from zero.
+        """
+        idx = torch.as_tensor(list(index), dtype=torch.long)
+        if idx.numel() == 0:
+            raise ValueError("need at least one prompt")
+        if int(idx.min()) < 0 or int(idx.max()) >= self.n_prompts:
+            raise ValueError(f"prompt indices must be in [0, {self.n_prompts}), got {idx.tolist()}")
+        out = copy.copy(self)
+        out._index = idx
+        out._weights = torch.bincount(idx, minlength=self.n_prompts).double()
+        out.passes, out.flops = 0, 0.0
+        assert self.clean.logits is not None
+        sums = torch.stack([out._clean_sums(b) for b in self._batches]).sum(0)
+        out.clean = RunOutput(sums, self.clean.logits[idx])
+        return out
+
+    def _batch_weights(self, prep: _PreparedBatch) -> Tensor | None:
+        """The counts of a batch's prompts in a resample (None: each counts once)."""
+        return None if self._weights is None else self._weights[list(prep.batch.index)]
+
+    def _clean_sums(self, prep: _PreparedBatch) -> Tensor:
+        """A batch's clean evaluation sums ``[layer, d_model]``, weighted in a resample."""
+        w = self._batch_weights(prep)
+        return prep.clean_eval if w is None else (prep.clean_eval_rows * w[:, None, None]).sum(0)
 
     @property
     def shared_tokens(self) -> int:
@@ -269,14 +307,16 @@ class Runner:
             kept.get(f"blocks.{i}.hook_resid_pre") for i in range(self.n_layers)
         ]
         last = batch.last.to(self.device)
-        clean_eval = torch.stack([_at(cache[n], last).double().sum(0).cpu() for n in evals])
+        clean_rows = torch.stack([_at(cache[n], last).double().cpu() for n in evals], dim=1)
         if batch.right_padded:
             # The model's last column is padding for the shorter prompts: unembed
             # each prompt's own last token (the final norm's output, already cached).
             final = self._unembed(_at(cache["ln_final.hook_out"], last))
         else:
             final = logits[:, -1]
-        return _PreparedBatch(batch, last, inputs, kwargs, clean_eval, final.float().cpu())
+        return _PreparedBatch(
+            batch, last, inputs, kwargs, clean_rows, clean_rows.sum(0), final.float().cpu()
+        )
 
     def _unembed(self, normed: Tensor) -> Tensor:
         """Logits from the final norm's output ``[batch, d_model]``, soft-capped as the
@@ -337,10 +377,11 @@ class Runner:
             if self._prefix is not None:
                 shared[self._prefix.cache_key] = _PrefixKV(self._replay_prefix(start, stop))
             for prep in self._batches:
+                weights = self._batch_weights(prep)
                 early = [j for j in layers if j < start]
                 if early and sums is not None:
                     # Blocks before the intervention are clean: reuse the clean sums.
-                    sums[early] += prep.clean_eval[early]
+                    sums[early] += self._clean_sums(prep)[early]
                 x = prep.block_inputs[start]
                 assert x is not None
                 last_norm: Tensor | None = None
@@ -351,7 +392,7 @@ class Runner:
                         if i == self.n_layers - 1:
                             last_norm = self._final_norm(act)
                             act = last_norm
-                        sums[i] += act.double().sum(0).cpu()
+                        sums[i] += _summed(act, weights)
                 n_tok = prep.batch.tokens.numel()  # padding is computed too
                 self.flops += 2.0 * n_tok * self._params_per_block * (stop - start)
                 if logits:
@@ -360,6 +401,8 @@ class Runner:
                     rows.append(self._unembed(last_norm).float().cpu())
                     self.flops += 2.0 * x.shape[0] * self._unembed_params
         out_logits = self._in_prompt_order(rows) if logits else None
+        if out_logits is not None and self._index is not None:
+            out_logits = out_logits[self._index]
         return RunOutput(sums, out_logits)
 
 
@@ -372,6 +415,13 @@ _MIN_SHARED_SAVING = 0.25
 def _soft_cap(logits: Tensor, cap: float) -> Tensor:
     """``cap · tanh(logits / cap)`` (final-logit soft-capping); unchanged for ``cap <= 0``."""
     return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+
+def _summed(act: Tensor, weights: Tensor | None) -> Tensor:
+    """Float64 sum over the batch of ``[batch, d_model]`` rows (weighted), on the CPU."""
+    if weights is None:
+        return act.double().sum(0).cpu()
+    return (act.double() * weights.to(act.device)[:, None]).sum(0).cpu()
 
 
 def _at(x: Tensor, cols: Tensor) -> Tensor:

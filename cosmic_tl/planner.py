@@ -89,21 +89,12 @@ def score_candidates(
     ``("auto",)`` lets :func:`suggest_refusal_tokens` choose them; ``None`` takes the
     model family's (:func:`~cosmic_tl.scoring.default_refusal_tokens`).
     """
-    settings = settings or SelectionSettings()
     candidates.check_compatible(model)
-    baselines = _baselines(baseline)
-    if not math.isfinite(alpha):
-        raise ValueError(f"alpha must be a finite number, not {alpha!r}")
-    if mode not in ("ace", "lce"):
-        raise ValueError(f"mode must be 'ace' or 'lce', not {mode!r}")
+    _check_settings(mode, alpha, baseline)
     if not harmful_val or not harmless_val:
         raise ValueError("the validation sets must not be empty")
     harmful_val, harmless_val = prompts_for(model, harmful_val), prompts_for(model, harmless_val)
-    curve = layer_cosines(candidates.eval_harmful, candidates.eval_harmless)
-    if not torch.isfinite(curve).all():
-        bad = [j for j in range(curve.shape[0]) if not math.isfinite(float(curve[j]))]
-        raise ValueError(f"non-finite training activations at layers {bad}; cannot score")
-    eval_layers = evaluation_layers(curve, settings.eval_layer_fraction)
+    _eval_layers(candidates, settings or SelectionSettings())
     kw: dict[str, Any] = {
         "batch_size": batch_size,
         "reuse_prefix": reuse_prefix,
@@ -111,13 +102,76 @@ def score_candidates(
     }
     harmful = Runner(model, harmful_val, **kw)
     harmless = Runner(model, harmless_val, **kw)
+    names = resolve_refusal_tokens(model, refusal_tokens, harmful_val, harmless_val, batch_size)
+    return score_runners(
+        candidates,
+        harmful,
+        harmless,
+        refusal_tokens=names,
+        mode=mode,
+        alpha=alpha,
+        settings=settings,
+        baseline=baseline,
+        full=full,
+        inplace_addition=inplace_addition,
+        placement=placement,
+        progress=progress,
+    )
+
+
+def _check_settings(mode: Mode, alpha: float, baseline: bool | Sequence[str]) -> tuple[str, ...]:
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha must be a finite number, not {alpha!r}")
+    if mode not in ("ace", "lce"):
+        raise ValueError(f"mode must be 'ace' or 'lce', not {mode!r}")
+    return _baselines(baseline)
+
+
+def _eval_layers(candidates: Candidates, settings: SelectionSettings) -> tuple[int, ...]:
+    """COSMIC's evaluation layers from the training means, or a ``ValueError``."""
+    curve = layer_cosines(candidates.eval_harmful, candidates.eval_harmless)
+    if not torch.isfinite(curve).all():
+        bad = [j for j in range(curve.shape[0]) if not math.isfinite(float(curve[j]))]
+        raise ValueError(f"non-finite training activations at layers {bad}; cannot score")
+    return evaluation_layers(curve, settings.eval_layer_fraction)
+
+
+def score_runners(
+    candidates: Candidates,
+    harmful: Runner,
+    harmless: Runner,
+    *,
+    refusal_tokens: Sequence[str],
+    mode: Mode = "ace",
+    alpha: float = 1.0,
+    settings: SelectionSettings | None = None,
+    baseline: bool | Sequence[str] = True,
+    full: bool = False,
+    inplace_addition: bool = False,
+    placement: Placement = "residual",
+    progress: bool = True,
+) -> Scores:
+    """:func:`score_candidates` on validation sets already held by runners.
+
+    The runners may be :meth:`~cosmic_tl.engine.Runner.resampled` views, so that many
+    resamples of the validation prompts share one set of clean caches. ``refusal_tokens``
+    are strings, as :func:`resolve_refusal_tokens` returns them. ``stats`` count the
+    passes and FLOP of this call only.
+    """
+    settings = settings or SelectionSettings()
+    model = harmful.model
+    candidates.check_compatible(model)
+    baselines = _check_settings(mode, alpha, baseline)
+    eval_layers = _eval_layers(candidates, settings)
     assert harmful.clean.eval_sums is not None and harmless.clean.eval_sums is not None
     for name, runner in (("harmful", harmful), ("harmless", harmless)):
         assert runner.clean.logits is not None
         if not torch.isfinite(runner.clean.logits).all():
             raise ValueError(f"the model produces non-finite logits on the {name} validation set")
-    names = resolve_refusal_tokens(model, refusal_tokens, harmful_val, harmless_val, batch_size)
+    names = tuple(refusal_tokens)
     token_ids = encode_refusal_tokens(model.tokenizer, names) if baselines else ()
+    passes = harmful.passes + harmless.passes
+    flops = harmful.flops + harmless.flops
     ctx = Context(
         candidates,
         mode,
@@ -145,8 +199,8 @@ def score_candidates(
     return dataclasses.replace(
         sheet.scores(),
         stats={
-            "passes": float(harmful.passes + harmless.passes),
-            "gflop": (harmful.flops + harmless.flops) / 1e9,
+            "passes": float(harmful.passes + harmless.passes - passes),
+            "gflop": (harmful.flops + harmless.flops - flops) / 1e9,
             "sweep_seconds": time.perf_counter() - started,
         },
     )

@@ -29,6 +29,7 @@ def _checked_modules() -> list[str]:
 # Check every jaxtyping annotation in cosmic_tl at runtime while testing.
 with install_import_hook(_checked_modules(), "beartype.beartype"):
     import cosmic_tl.activations  # noqa: F401
+    import cosmic_tl.bootstrap  # noqa: F401
     import cosmic_tl.candidates  # noqa: F401
     import cosmic_tl.engine  # noqa: F401
     import cosmic_tl.interventions  # noqa: F401
