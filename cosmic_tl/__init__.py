@@ -14,6 +14,7 @@ A minimal example::
     ct.compare(pick, baseline)
 """
 
+from cosmic_tl.bootstrap import Stability, stability
 from cosmic_tl.candidates import Candidates, IncompatibleError, compute_candidates
 from cosmic_tl.comparison import Comparison, compare
 from cosmic_tl.config import PRESETS, Config, SelectionSettings, preset
@@ -101,6 +102,7 @@ __all__ = [
     "Scores",
     "SelectionSettings",
     "Selection",
+    "Stability",
     "SubstringJudge",
     "ablate",
     "add",
@@ -132,6 +134,7 @@ __all__ = [
     "select_cosmic",
     "select_refusal_tokens",
     "select_substring",
+    "stability",
     "suggest_refusal_tokens",
     "sweep",
     "unit",

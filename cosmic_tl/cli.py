@@ -3,6 +3,7 @@
     cosmic-tl run [--preset cpu|paper|arditi] [--out runs/NAME] [--FIELD VALUE ...]
     cosmic-tl candidates|score|select|evaluate ...   (run up to that stage)
     cosmic-tl report --out runs/NAME                 (re-render report.html)
+    cosmic-tl stability runs/NAME [--resamples 10 --seed 0]   (picks over bootstrap resamples)
     cosmic-tl export --out runs/NAME --to DIR        (model with the direction removed from its weights)
     cosmic-tl export runs/NAME --format gguf         (the same, the model and a control vector for llama.cpp)
     cosmic-tl models                                 (aliases and whether they are built)
@@ -144,6 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
         "control vector (ACE itself cannot be one)",
     )
     exp.add_argument("--force", action="store_true", help="overwrite existing output files")
+    st = sub.add_parser(
+        "stability",
+        help="repeat the run's selection over bootstrap resamples of its train and val prompts "
+        "(resumable; the report gains a stability section)",
+    )
+    st.add_argument("run", type=Path, nargs="?", default=None, help="the run directory")
+    st.add_argument("--out", type=Path, default=None, help="the run directory (as RUN)")
+    st.add_argument("--resamples", type=int, default=10, help="bootstrap resamples (default: 10)")
+    st.add_argument("--seed", type=int, default=0, help="seed of the resamples (default: 0)")
+    st.add_argument("--quiet", action="store_true", help="no progress bars")
     sub.add_parser("models", help="list built-in model aliases and whether they are built")
     b = sub.add_parser("build", help="build model aliases (e.g. the organisms) into the cache")
     b.add_argument("aliases", nargs="+", metavar="alias")
@@ -195,6 +206,8 @@ def _dispatch(ns: argparse.Namespace, say: Any) -> int:
 
     if ns.command == "export":
         return _export(ns, say)
+    if ns.command == "stability":
+        return _stability(ns, say)
     if ns.command == "report":
         cfg = Config.from_dict(read_json(RunDir(ns.out).config))
         with Pipeline(cfg, ns.out, progress=False, say=say) as pipe:
@@ -267,6 +280,47 @@ def _export(ns: argparse.Namespace, say: Any) -> int:
         say(f"saved {part}: {path}")
     if done.command:
         say(f"add alpha*r at the input of block {layer} in llama.cpp: {done.command}")
+    return 0
+
+
+def _stability(ns: argparse.Namespace, say: Any) -> int:
+    """``cosmic-tl stability``: the run's picks over bootstrap resamples, then the report."""
+    import math
+    import time
+
+    from cosmic_tl.pipeline import Pipeline
+    from cosmic_tl.rundir import RunDir
+    from cosmic_tl.store import read_json
+
+    if ns.run is not None and ns.out is not None and ns.run != ns.out:
+        raise ValueError(f"two run directories given: {ns.run} and --out {ns.out}")
+    root = ns.run or ns.out
+    if root is None:
+        raise ValueError("name the run directory: cosmic-tl stability RUN (or --out RUN)")
+    if ns.resamples < 1:
+        raise ValueError(f"--resamples must be at least 1, not {ns.resamples}")
+    if not RunDir(root).config.is_file():
+        raise ValueError(f"{root} is not a run directory (no config.json); run `cosmic-tl run` first")
+    cfg = Config.from_dict(read_json(RunDir(root).config))
+    start = time.perf_counter()
+    with Pipeline(cfg, root, progress=not ns.quiet, say=say) as pipe:
+        result = pipe.stability(ns.resamples, ns.seed)
+        pipe.report()
+    for name, m in result.methods.items():
+        r = m.modal_share
+        if m.modal is None:
+            say(f"[stability] {name}: no pick on any of the {r.n} resamples")
+            continue
+        cos = "n/a (fewer than 2 picks)" if math.isnan(m.mean_cosine) else f"{m.mean_cosine:.3f}"
+        say(
+            f"[stability] {name}: modal cell {m.modal} on {r.k}/{r.n} resamples "
+            f"[{r.low:.0%}, {r.high:.0%}]; no pick on {m.n_none}; mean pairwise cosine {cos}"
+        )
+    s = result.seconds
+    say(
+        f"[stability] wall time {time.perf_counter() - start:.1f} s (shared work {s['setup']:.1f} s, "
+        f"{s['per_resample']:.1f} s per resample)"
+    )
     return 0
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from cosmic_tl.bootstrap import SETS as BOOTSTRAP_SETS
+from cosmic_tl.bootstrap import Bootstrap, PromptFilter, Resample, Stability
 from cosmic_tl.candidates import Candidates, compute_candidates
 from cosmic_tl.comparison import compare
 from cosmic_tl.config import Config, check_device, torch_dtype
@@ -52,7 +54,7 @@ from cosmic_tl.rundir import (
 )
 from cosmic_tl.scoring import Scores, encode_refusal_tokens, refusal_score
 from cosmic_tl.selection import SELECT, NoCandidateError, Selection
-from cosmic_tl.store import read_json, write_json
+from cosmic_tl.store import RecordError, read_json, write_json
 from cosmic_tl.templates import Prompts, chat_prompts, context_length
 
 log = logging.getLogger("cosmic_tl")
@@ -68,6 +70,7 @@ SETS = (
 # Bump when a stage's files change format, so that older run directories redo it.
 SCORES_FORMAT = 2  # 2: Arditi's grids with linear interventions in every mode, norm grid
 SELECT_FORMAT = 3  # 3: one selection per method, comparison.json keyed by baseline
+STABILITY_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,15 @@ def filter_by_refusal_score(
             "prompts; the model does not refuse with these refusal tokens. Turn off --filter-prompts"
         )
     return kept[0], kept[1]
+
+
+def _saved_resample(path: Path, key: str) -> Resample | None:
+    """The resample saved at ``path`` if it was computed with ``key``, else None."""
+    try:
+        old = Resample.load(path)
+    except (RecordError, OSError, ValueError, KeyError):
+        return None
+    return old if old.key == key else None
 
 
 class Pipeline:
@@ -427,6 +439,70 @@ class Pipeline:
                 kl=sel.scores.get("KL"),
             )
         return RunMetrics(tuple(judge.phrases), harmful_clean, harmless_clean, methods)
+
+    def stability(self, resamples: int = 10, seed: int = 0) -> Stability:
+        """Selection over ``resamples`` bootstrap resamples of the train and val sets.
+
+        Each finished resample is saved (``stability_resamples/``), so a stopped stage
+        resumes with the next one; a resample is reused whenever the run's scores and
+        ``seed`` are unchanged, also by a later call with more resamples.
+        """
+        self.scores()
+        cfg = self.cfg
+        drawn = {"seed": seed, "format": STABILITY_FORMAT}
+        key = self.dir.stage_key("stability", cfg, [self.keys["scores"]], drawn)
+
+        def work() -> dict[str, Any]:
+            boot = Bootstrap(
+                self.model,
+                *(self.chat(name) for name in BOOTSTRAP_SETS),
+                seed=seed,
+                mode=cfg.mode,
+                alpha=cfg.alpha,
+                settings=cfg.selection,
+                baselines=run_methods(cfg)[1:],
+                refusal_tokens=cfg.refusal_tokens,
+                prompt_filter=self._prompt_filter() if filtering(cfg) else None,
+                full=cfg.full_grids,
+                batch_size=cfg.batch_size,
+                reuse_prefix=cfg.reuse_prefix,
+                share_prefix=cfg.share_prefix,
+                inplace_addition=cfg.inplace_addition,
+                placement=cfg.ablation_placement,
+                progress=self.progress,
+            )
+            done = []
+            for b in range(resamples):
+                path = self.dir.resample(b)
+                old = _saved_resample(path, key)
+                if old is None:
+                    old = boot.resample(b, key=key)
+                    old.save(path)
+                    picks = ", ".join(f"{m} {p}" for m, p in old.picks.items())
+                    self.say(f"[stability] resample {b + 1}/{resamples} in {old.seconds:.1f} s: {picks}")
+                else:
+                    self.say(f"[stability] resample {b + 1}/{resamples}: reusing {path.name}")
+                done.append(old)
+            result = boot.summary(done)
+            result.save(self.dir.stability)
+            return {
+                "resamples": resamples,
+                "seed": seed,
+                "setup_seconds": round(result.seconds["setup"], 2),
+                "per_resample_seconds": round(result.seconds["per_resample"], 2),
+            }
+
+        self._stage("stability", ["scores"], {**drawn, "resamples": resamples}, work)
+        return Stability.load(self.dir.stability)
+
+    def _prompt_filter(self) -> PromptFilter:
+        """The filter stage's outcome as the indices it kept in each of the run's sets."""
+        data = read_json(self.dir.filtered_prompts)
+        kept = {}
+        for name in BOOTSTRAP_SETS:
+            keep = set(data["sets"][name])
+            kept[name] = frozenset(i for i, x in enumerate(self.prompts[name]) if x in keep)
+        return PromptFilter(kept, tuple(data["refusal_tokens"]))
 
     def report(self) -> Path:
         from cosmic_tl.report import write_report

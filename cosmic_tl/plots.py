@@ -25,6 +25,7 @@ from jaxtyping import Bool, Float
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from cosmic_tl.bootstrap import Stability
 from cosmic_tl.evaluation import Rate
 from cosmic_tl.scoring import Scores, cosine
 from cosmic_tl.selection import Selection
@@ -506,3 +507,64 @@ def summary_figures(
         if cosmic is not None:
             figs["comparison"] = comparison_figure(scores, cosmic, baseline, baseline_scores)
     return figs
+
+
+def stability_heatmaps(stability: Stability) -> go.Figure:
+    """How often each (position, layer) cell is picked over the bootstrap resamples, one
+    heatmap per method (share of resamples; hover: the count).
+
+    Each panel's title gives the modal cell with its share and Wilson interval, the
+    resamples without a pick and the mean pairwise cosine of the picked directions.
+    """
+    names = list(stability.methods)
+    b = stability.resamples
+    titles = []
+    for name in names:
+        m = stability.methods[name]
+        short = PICK_STYLE.get(name, ("", "", name))[2]
+        if m.modal is None:
+            titles.append(f"{short}: no pick on any of {b} resamples")
+            continue
+        share = m.modal_share
+        cos = "–" if math.isnan(m.mean_cosine) else f"{m.mean_cosine:.3f}"
+        titles.append(
+            f"{short}: modal ({_pos(m.modal[0])}, {m.modal[1]}) on {share.k}/{b} "
+            f"[{share.low:.0%}, {share.high:.0%}]; no pick {m.n_none}; mean cos {cos}"
+        )
+    fig = make_subplots(rows=len(names), cols=1, subplot_titles=titles, vertical_spacing=0.12)
+    ticks = [
+        f"{_pos(p)}: {html.escape(label, quote=False)}"
+        for p, label in zip(stability.positions, stability.position_labels, strict=True)
+    ]
+    for row, name in enumerate(names, start=1):
+        freq = stability.methods[name].frequency.double().cpu().numpy()
+        hover = [
+            [f"position {_pos(p)}, layer {j}: picked {int(c)} of {b}" for j, c in enumerate(line)]
+            for p, line in zip(stability.positions, freq.tolist(), strict=True)
+        ]
+        fig.add_trace(
+            go.Heatmap(
+                z=(freq / b).tolist(),
+                x=list(range(freq.shape[1])),
+                y=list(stability.positions),
+                zmin=0.0,
+                zmax=1.0,
+                colorscale="Blues",
+                colorbar={"title": "share", "tickformat": ".0%"},
+                showscale=row == 1,
+                hovertext=hover,
+                hoverinfo="text",
+            ),
+            row=row,
+            col=1,
+        )
+        fig.update_yaxes(
+            tickvals=list(stability.positions), ticktext=ticks, autorange="reversed", row=row, col=1
+        )
+        fig.update_xaxes(title_text="layer l", row=row, col=1)
+    fig.update_layout(
+        title=f"Picks over {b} bootstrap resamples (seed {stability.seed}) — "
+        f"{stability.model_id}, {stability.mode}",
+        height=max(360, 60 + (120 + 45 * len(stability.positions)) * len(names)),
+    )
+    return fig

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from plotly.offline import get_plotlyjs
 
+from cosmic_tl.bootstrap import Stability
 from cosmic_tl.config import Config
 from cosmic_tl.evaluation import Rate
 from cosmic_tl.results import RunMetrics
@@ -128,6 +130,9 @@ def render(dir_: RunDir, cfg: Config) -> str:
             bars["harmful, COSMIC ablated"] = picked.harmful_ablated
             bars["harmless, COSMIC added"] = picked.harmless_added
         figures["refusal_rates"] = refusal_bars(bars, title="Refusal rates")
+    stability: Stability | None = _load(dir_.stability, Stability)
+    if stability is not None:
+        parts.append(_stability_section(stability, cfg))
     parts.append("<h2>Figures</h2>")
     for name, fig in figures.items():
         div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{name}")
@@ -138,6 +143,41 @@ def render(dir_: RunDir, cfg: Config) -> str:
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>cosmic_tl report</title>"
         f"<style>{CSS}</style><script type='text/javascript'>{get_plotlyjs()}</script></head>"
         f"<body>{''.join(parts)}</body></html>"
+    )
+
+
+def _stability_section(st: Stability, cfg: Config) -> str:
+    """The picks over bootstrap resamples: a table per method and the frequency heatmaps."""
+    from cosmic_tl.plots import stability_heatmaps
+
+    rows = [
+        ("resamples (seed)", f"{st.resamples} (seed {st.seed})"),
+        ("prompts per resample", _esc(", ".join(f"{k} {v}" for k, v in st.sizes.items()))),
+        (
+            "time",
+            f"{st.seconds['setup']:.1f} s shared work, {st.seconds['per_resample']:.1f} s per resample",
+        ),
+    ]
+    if st.mode != cfg.mode:
+        rows.append(("note", "<span class=warn>computed for another mode than this run's</span>"))
+    for name, m in st.methods.items():
+        label = METHOD_LABELS.get(name, name)
+        if m.modal is None:
+            text = "<span class=warn>no pick on any resample</span>"
+        else:
+            r = m.modal_share
+            text = (
+                f"modal cell: position {m.modal[0]}, layer {m.modal[1]}, picked on {r.k}/{r.n} "
+                f"resamples ({r.rate:.0%} [{r.low:.0%}, {r.high:.0%}], Wilson 95%)"
+            )
+        cos = "–" if math.isnan(m.mean_cosine) else f"{m.mean_cosine:.3f}"
+        text += f"; no pick on {m.n_none}; mean pairwise cosine of the picked directions {cos}"
+        rows.append((label, text))
+    fig = stability_heatmaps(st).to_html(full_html=False, include_plotlyjs=False, div_id="fig-stability")
+    return (
+        "<h2>Stability over bootstrap resamples of the train and val prompts</h2>"
+        + _table(rows)
+        + f"<div class=fig id='stability'>{fig}</div>"
     )
 
 

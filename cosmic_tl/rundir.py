@@ -66,6 +66,8 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     ),
     "select": ("selection", "baseline", "baselines"),
     "evaluate": ("n_test", "max_new_tokens"),
+    # Bootstrap resamples of the train and val sets; the scores' key carries the rest.
+    "stability": (),
 }
 LOCK = ".lock"
 
@@ -149,6 +151,15 @@ class RunDir:
         return self.root / "direction"
 
     @property
+    def stability(self) -> Path:
+        """The pick-stability record over bootstrap resamples (``cosmic-tl stability``)."""
+        return self.root / "stability"
+
+    def resample(self, index: int) -> Path:
+        """Bootstrap resample ``index``'s record, kept so that a stopped stage resumes."""
+        return self.root / "stability_resamples" / f"resample_{index:03d}"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics.json"
 
@@ -181,6 +192,8 @@ class RunDir:
             return [p for r in records for p in record_paths(r)] + [self.comparison]
         elif stage == "evaluate":
             return [self.metrics]
+        elif stage == "stability":
+            records = [self.stability]
         return [p for r in records for p in record_paths(r)]
 
     # ---------------------------------------------------------------- setup

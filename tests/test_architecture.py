@@ -30,6 +30,7 @@ LAYERS: dict[str, int] = {
     "comparison": 5,
     "planner": 5,
     "evaluation": 6,
+    "bootstrap": 6,
     "export": 6,
     "gguf_export": 6,
     "plots": 6,

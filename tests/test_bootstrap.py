@@ -291,3 +291,109 @@ def test_stability_is_deterministic_and_round_trips(tiny, tmp_path):
     assert set(r0.directions) == set(seen[0].directions)
     with pytest.raises(ValueError, match="at least 1"):
         stability(tiny, *(PROMPTS[n] for n in SETS), resamples=0)
+
+
+# ---------------------------------------------------------------- the stage and the command
+
+
+def _run_args(tiny_dir, out):
+    return [
+        "score",
+        "--model",
+        str(tiny_dir),
+        "--out",
+        str(out),
+        "--n-train",
+        "4",
+        "--n-val",
+        "3",
+        "--batch-size",
+        "4",
+        "--quiet",
+        "--kl-threshold",
+        "1e9",
+    ]
+
+
+def test_stability_command_resumes_a_stopped_stage_and_reports(tiny_dir, tmp_path, monkeypatch, caplog):
+    import json
+
+    from cosmic_tl import cli
+
+    out = tmp_path / "run"
+    assert cli.main(_run_args(tiny_dir, out)) == 0
+    caplog.set_level("INFO", logger="cosmic_tl")
+    assert cli.main(["stability", str(out), "--resamples", "1", "--seed", "3", "--quiet"]) == 0
+    assert "wall time" in caplog.text and "per resample" in caplog.text
+    first = Stability.load(out / "stability")
+    assert first.resamples == 1 and first.seed == 3
+    assert "fig-stability" in (out / "report.html").read_text()
+
+    calls: list[int] = []
+    real = Bootstrap.resample
+
+    def stopped(self, b, key=""):
+        calls.append(b)
+        if b == 2:
+            raise KeyboardInterrupt
+        return real(self, b, key)
+
+    monkeypatch.setattr(Bootstrap, "resample", stopped)
+    assert (
+        cli.main(["stability", "--out", str(out), "--resamples", "3", "--seed", "3", "--quiet"]) == 130
+    )
+    assert calls == [1, 2]  # resample 0 reused from the first call
+    assert (out / "stability_resamples" / "resample_001.json").is_file()
+    assert Stability.load(out / "stability").resamples == 1  # the finished record is untouched
+
+    def counted(self, b, key=""):
+        calls.append(b)
+        return real(self, b, key)
+
+    monkeypatch.setattr(Bootstrap, "resample", counted)
+    calls.clear()
+    assert cli.main(["stability", str(out), "--resamples", "3", "--seed", "3", "--quiet"]) == 0
+    assert calls == [2]  # the stopped stage resumes with the resample it was on
+    done = Stability.load(out / "stability")
+    assert done.resamples == 3
+    assert done.methods["cosmic"].picks[:1] == first.methods["cosmic"].picks
+    stages = json.loads((out / "stages.json").read_text())
+    assert stages["stability"]["resamples"] == 3
+    # Up to date: nothing recomputed; another seed draws again.
+    calls.clear()
+    assert cli.main(["stability", str(out), "--resamples", "3", "--seed", "3", "--quiet"]) == 0
+    assert calls == []
+    assert cli.main(["stability", str(out), "--resamples", "1", "--seed", "4", "--quiet"]) == 0
+    assert calls == [0]
+    assert cli.main(["stability", str(tmp_path / "nothing"), "--quiet"]) == 2
+    assert "not a run directory" in caplog.text
+
+
+def test_stability_heatmaps_one_panel_per_method():
+    from cosmic_tl.plots import stability_heatmaps
+
+    positions, e = (-2, -1), torch.eye(3, dtype=torch.float64)
+    methods = {
+        "cosmic": method_stability(
+            "cosmic", [(-1, 2), (-1, 2), (-2, 0), None], [e[0], e[0], e[1], None], positions, 4, 3
+        ),
+        "refusal_tokens": method_stability("refusal_tokens", [None] * 4, [None] * 4, positions, 4, 3),
+    }
+    st = Stability(
+        methods,
+        0,
+        4,
+        dict(SIZES),
+        positions,
+        ("\\n", "<|im_start|>"),
+        "ace",
+        "tiny",
+        {"setup": 1.0, "resamples": 2.0, "per_resample": 0.5},
+    )
+    fig = stability_heatmaps(st)
+    heat = [t for t in fig.data if t.type == "heatmap"]
+    assert len(heat) == 2
+    assert heat[0].z[1][2] == 0.5 and heat[0].z[0][0] == 0.25 and heat[1].z[0][0] == 0.0
+    titles = [a.text for a in fig.layout.annotations]
+    assert "COSMIC: modal (−1, 2) on 2/4" in titles[0] and "no pick on any of 4" in titles[1]
+    assert "&lt;|im_start|&gt;" in fig.layout.yaxis.ticktext[1]
