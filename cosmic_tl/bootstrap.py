@@ -13,11 +13,16 @@ prompt, and everything selection reads is a mean over prompts or a function of m
 - *train*: every prompt's ``resid_pre`` at the end-of-instruction positions and its
   evaluation activations are kept once (:func:`~cosmic_tl.candidates.train_activations`),
   so a resample's candidates (and its evaluation layers) are weighted means, no pass;
-- *val*: one :class:`~cosmic_tl.engine.Runner` per set holds the clean caches and the
-  shared prompt tokens; a resample is a :meth:`~cosmic_tl.engine.Runner.resampled` view
-  that weights the evaluation sums (``S_abl``/``S_add`` are cosines of pooled sums) and
-  repeats the per-prompt logits (refusal scores and KL are means over prompts). Only the
-  intervened passes for the resample's new directions run, over the distinct prompts.
+- *val*: refusal scores and KL are means over prompts, ``S_abl``/``S_add`` cosines of
+  pooled sums, so a resample is its distinct drawn prompts with their counts: a
+  :class:`~cosmic_tl.engine.Runner` on the distinct drawn prompts, seen through
+  :meth:`~cosmic_tl.engine.Runner.resampled` (evaluation sums weighted by the counts,
+  per-prompt logits repeated). That costs one clean pass per val set and resample, and
+  each intervened pass runs over the distinct drawn prompts only (on average
+  ``1 − (1 − 1/n)^n`` ≈ 63% of them). ``share_val_caches=True`` builds each val set's
+  runner once instead (no clean pass per resample, but every intervened pass runs all
+  ``n`` prompts, those drawn zero times included); the intervened passes for the
+  resample's new directions, hundreds per resample, are redone either way.
 
 The result equals the straightforward computation on the explicitly resampled lists up
 to float rounding (tested). With ``--refusal-tokens auto`` the tokens are chosen once on
@@ -287,7 +292,7 @@ class Bootstrap:
     prompt, or plain strings) and the scoring settings of
     :func:`~cosmic_tl.planner.score_candidates`. ``baselines`` are the methods beside
     COSMIC; with ``prompt_filter`` Arditi's baseline works on the filter's kept prompts,
-    as in a run with ``--filter-prompts``.
+    as in a run with ``--filter-prompts``. ``share_val_caches``: see :meth:`_val_runner`.
     """
 
     def __init__(
@@ -312,6 +317,7 @@ class Bootstrap:
         inplace_addition: bool = False,
         placement: Placement = "residual",
         progress: bool = True,
+        share_val_caches: bool = False,
     ) -> None:
         start = time.perf_counter()
         self.seed, self.settings = seed, settings or SelectionSettings()
@@ -330,9 +336,15 @@ class Bootstrap:
             model, harmful_train, harmless_train, batch_size=batch_size, progress=progress
         )
         hv, lv = prompts_for(model, harmful_val), prompts_for(model, harmless_val)
-        kw: dict[str, Any] = {"batch_size": batch_size, "reuse_prefix": reuse_prefix}
-        self.harmful = Runner(model, hv, share_prefix=share_prefix, **kw)
-        self.harmless = Runner(model, lv, share_prefix=share_prefix, **kw)
+        self.model, self.val = model, {"harmful_val": hv, "harmless_val": lv}
+        self.runner_kw: dict[str, Any] = {
+            "batch_size": batch_size,
+            "reuse_prefix": reuse_prefix,
+            "share_prefix": share_prefix,
+        }
+        self.shared: dict[str, Runner] = {}
+        if share_val_caches:
+            self.shared = {name: Runner(model, p, **self.runner_kw) for name, p in self.val.items()}
         self.refusal_tokens = resolve_refusal_tokens(model, refusal_tokens, hv, lv, batch_size)
         self.sizes = {
             "harmful_train": len(self.train.harmful),
@@ -360,14 +372,29 @@ class Bootstrap:
         )
         scores = score_runners(
             cands,
-            self.harmful.resampled(indices["harmful_val"]),
-            self.harmless.resampled(indices["harmless_val"]),
+            self._val_runner("harmful_val", indices["harmful_val"]),
+            self._val_runner("harmless_val", indices["harmless_val"]),
             refusal_tokens=tokens,
             baseline=baselines,
             **self.score_kw,
         )
         picked = ("cosmic", *baselines)
         return {m: _selected(m, scores, self.settings, cands) for m in picked}, scores.stats
+
+    def _val_runner(self, name: str, index: Sequence[int]) -> Runner:
+        """A runner on the val set ``name`` drawn as ``index``.
+
+        With ``share_val_caches`` a view of the runner built once on the whole set (no
+        clean pass, but every intervened pass also runs the prompts drawn zero times);
+        otherwise a runner on the distinct drawn prompts, viewed with their counts (one
+        clean pass per resample, each intervened pass over about 63% of the prompts).
+        """
+        if name in self.shared:
+            return self.shared[name].resampled(index)
+        distinct = sorted(set(index))
+        where = {i: k for k, i in enumerate(distinct)}
+        runner = Runner(self.model, self.val[name].subset(distinct), **self.runner_kw)
+        return runner.resampled([where[i] for i in index])
 
     def selections(self, indices: Mapping[str, Sequence[int]]) -> dict[str, Selection]:
         """Every method's selection on the prompts drawn as ``indices`` (per set).

@@ -453,24 +453,7 @@ class Pipeline:
         key = self.dir.stage_key("stability", cfg, [self.keys["scores"]], drawn)
 
         def work() -> dict[str, Any]:
-            boot = Bootstrap(
-                self.model,
-                *(self.chat(name) for name in BOOTSTRAP_SETS),
-                seed=seed,
-                mode=cfg.mode,
-                alpha=cfg.alpha,
-                settings=cfg.selection,
-                baselines=run_methods(cfg)[1:],
-                refusal_tokens=cfg.refusal_tokens,
-                prompt_filter=self._prompt_filter() if filtering(cfg) else None,
-                full=cfg.full_grids,
-                batch_size=cfg.batch_size,
-                reuse_prefix=cfg.reuse_prefix,
-                share_prefix=cfg.share_prefix,
-                inplace_addition=cfg.inplace_addition,
-                placement=cfg.ablation_placement,
-                progress=self.progress,
-            )
+            boot = self.bootstrap(seed)
             done = []
             for b in range(resamples):
                 path = self.dir.resample(b)
@@ -494,6 +477,28 @@ class Pipeline:
 
         self._stage("stability", ["scores"], {**drawn, "resamples": resamples}, work)
         return Stability.load(self.dir.stability)
+
+    def bootstrap(self, seed: int = 0) -> Bootstrap:
+        """The shared work of the run's bootstrap resamples (its prompts and settings)."""
+        cfg = self.cfg
+        return Bootstrap(
+            self.model,
+            *(self.chat(name) for name in BOOTSTRAP_SETS),
+            seed=seed,
+            mode=cfg.mode,
+            alpha=cfg.alpha,
+            settings=cfg.selection,
+            baselines=run_methods(cfg)[1:],
+            refusal_tokens=cfg.refusal_tokens,
+            prompt_filter=self._prompt_filter() if filtering(cfg) else None,
+            full=cfg.full_grids,
+            batch_size=cfg.batch_size,
+            reuse_prefix=cfg.reuse_prefix,
+            share_prefix=cfg.share_prefix,
+            inplace_addition=cfg.inplace_addition,
+            placement=cfg.ablation_placement,
+            progress=self.progress,
+        )
 
     def _prompt_filter(self) -> PromptFilter:
         """The filter stage's outcome as the indices it kept in each of the run's sets."""

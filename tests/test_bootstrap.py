@@ -158,9 +158,9 @@ def _straightforward(tiny, drawn, method, baselines, tokens):
         return err.selection
 
 
-@pytest.fixture(scope="module")
-def boot(tiny):
-    return Bootstrap(
+@pytest.mark.parametrize(("resample", "shared"), [(0, False), (1, True)])
+def test_a_resample_equals_the_straightforward_computation(tiny, resample, shared):
+    boot = Bootstrap(
         tiny,
         *(PROMPTS[n] for n in SETS),
         seed=5,
@@ -169,11 +169,8 @@ def boot(tiny):
         refusal_tokens=("I",),
         batch_size=3,
         progress=False,
+        share_val_caches=shared,
     )
-
-
-@pytest.mark.parametrize("resample", [0, 1])
-def test_a_resample_equals_the_straightforward_computation(tiny, boot, resample):
     indices = boot.indices(resample)
     fast = boot.selections(indices)
     assert set(fast) == {"cosmic", "refusal_tokens", "substring"}
