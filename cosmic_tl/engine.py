@@ -178,6 +178,8 @@ class Runner:
         are this runner's, so no clean pass is repeated; each intervened pass still runs
         over the distinct prompts once. Pass and FLOP counters start from zero.
         """
+        if self._index is not None:
+            raise ValueError("this runner is already a resample; resample the runner it came from")
         idx = torch.as_tensor(list(index), dtype=torch.long)
         if idx.numel() == 0:
             raise ValueError("need at least one prompt")

@@ -124,6 +124,8 @@ def test_a_resampled_runner_equals_a_runner_on_the_resampled_list(tiny, share_pr
         base.resampled([0, 5])
     with pytest.raises(ValueError, match="at least one prompt"):
         base.resampled([])
+    with pytest.raises(ValueError, match="already a resample"):
+        view.resampled([0])
 
 
 def _assert_same_selection(fast, slow, what: str) -> None:
