@@ -132,7 +132,7 @@ def render(dir_: RunDir, cfg: Config) -> str:
         figures["refusal_rates"] = refusal_bars(bars, title="Refusal rates")
     stability: Stability | None = _load(dir_.stability, Stability)
     if stability is not None:
-        parts.append(_stability_section(stability, cfg))
+        parts.append(_stability_section(stability, cfg, picks))
     parts.append("<h2>Figures</h2>")
     for name, fig in figures.items():
         div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{name}")
@@ -146,7 +146,7 @@ def render(dir_: RunDir, cfg: Config) -> str:
     )
 
 
-def _stability_section(st: Stability, cfg: Config) -> str:
+def _stability_section(st: Stability, cfg: Config, run_picks: dict[str, Selection | None]) -> str:
     """The picks over bootstrap resamples: a table per method and the frequency heatmaps."""
     from cosmic_tl.plots import stability_heatmaps
 
@@ -172,6 +172,13 @@ def _stability_section(st: Stability, cfg: Config) -> str:
             )
         cos = "–" if math.isnan(m.mean_cosine) else f"{m.mean_cosine:.3f}"
         text += f"; no pick on {m.n_none}; mean pairwise cosine of the picked directions {cos}"
+        own = run_picks.get(name)
+        if own is not None and own.pick is not None:
+            r = Rate.of(m.picks.count(own.pick), st.resamples)
+            text += (
+                f"<br>the run's own pick (position {own.pick[0]}, layer {own.pick[1]}): picked on "
+                f"{r.k}/{r.n} resamples [{r.low:.0%}, {r.high:.0%}]"
+            )
         rows.append((label, text))
     fig = stability_heatmaps(st).to_html(full_html=False, include_plotlyjs=False, div_id="fig-stability")
     return (

@@ -396,3 +396,13 @@ def test_stability_heatmaps_one_panel_per_method():
     titles = [a.text for a in fig.layout.annotations]
     assert "COSMIC: modal (−1, 2) on 2/4" in titles[0] and "no pick on any of 4" in titles[1]
     assert "&lt;|im_start|&gt;" in fig.layout.yaxis.ticktext[1]
+    # The report's section: the table, the figure and the run's own pick among the resamples.
+    from types import SimpleNamespace
+
+    from cosmic_tl.config import Config
+    from cosmic_tl.report import _stability_section
+
+    html = _stability_section(st, Config(), {"cosmic": SimpleNamespace(pick=(-1, 2))})  # type: ignore[dict-item]
+    assert "fig-stability" in html and "picked on 2/4 resamples" in html
+    assert "the run's own pick (position -1, layer 2): picked on 2/4" in html
+    assert "no pick on any resample" in html  # refusal_tokens
