@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import tempfile
 from typing import Any, Literal, cast
@@ -259,11 +260,19 @@ def write_tokenizer(
         w.add_add_space_prefix(space_prefix)
         # a causal model has no use for a mask token (llama.cpp's Gemma 3 file has none)
         kinds = ("bos", "eos", "unk", "sep", "pad", "cls")
-    with tempfile.TemporaryDirectory(prefix="cosmic-tl-tokenizer-") as tmp:
-        tokenizer.save_pretrained(tmp)
-        special = gguf.SpecialVocab(
-            tmp, load_merges=kind == "gpt2", special_token_types=kinds, n_vocab=vocab_size
-        )
+    # gguf warns that Gemma's pair template (<bos> A <bos> B) has no separator, which
+    # only decides add_sep_token (False, as in llama.cpp's Gemma files)
+    quiet = logging.getLogger("gguf.vocab")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory(prefix="cosmic-tl-tokenizer-") as tmp:
+            tokenizer.save_pretrained(tmp)
+            special = gguf.SpecialVocab(
+                tmp, load_merges=kind == "gpt2", special_token_types=kinds, n_vocab=vocab_size
+            )
+    finally:
+        quiet.setLevel(level)
     if kind == "gpt2" and not special.merges:
         special.merges = _merges(tokenizer_json(tokenizer))
     if special.chat_template is None and getattr(tokenizer, "chat_template", None):
