@@ -238,7 +238,7 @@ def test_real_gemma3_tokenizer_matches_the_gguf_it_came_from(tmp_path):
 
 
 # Largest |logit difference| of the real Gemma 3 270M's Q8_0 file to the unquantised
-# orthogonalised model on the prompts below (logits up to about 40): measured Q8_BOUND_MEASURED.
+# orthogonalised model on the three prompts below: measured 1.84 (2026-12-02); F32: 0.
 Q8_BOUND = 3.0
 
 
@@ -263,11 +263,15 @@ def test_real_gemma3_orthogonalised_files_read_back(tmp_path):
     del hf
     for kind, bound in (("f32", 1e-4), ("q8_0", Q8_BOUND)):
         path = save_gguf(model, tmp_path / f"gemma3-270m-{kind}.gguf", type=kind)
-        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32)
+        # the bridge's model runs eager attention; SDPA alone moves these logits by 2.4e-4
+        loaded = AutoModelForCausalLM.from_pretrained(
+            tmp_path, gguf_file=path.name, dtype=torch.float32, attn_implementation="eager"
+        )
         with torch.no_grad():
             got = [loaded.eval()(torch.tensor([x])).logits[0] for x in ids]
         del loaded
         err = max(float((g - e).abs().max()) for g, e in zip(got, expected, strict=True))
+        print(f"{kind}: max |logit difference| {err:.3g}")
         assert err < bound, f"{kind}: max |logit difference| {err:.3g}"
         if kind == "q8_0":
             back = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
