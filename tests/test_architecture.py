@@ -32,7 +32,7 @@ LAYERS: dict[str, int] = {
     "evaluation": 6,
     "export": 6,
     "gguf_export": 6,
-    "gguf_tokenizer": 6,
+    "gguf_tokenizer": 0,
     "plots": 6,
     "models.organisms.texts": 7,
     "models.organisms.recipes": 7,
