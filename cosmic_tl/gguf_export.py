@@ -4,8 +4,8 @@ Two files, written with the ``gguf`` package the way llama.cpp's own converter
 (``convert_hf_to_gguf.py``) writes them:
 
 - the **model** (:func:`save_gguf`, :func:`save_orthogonalized_gguf`): llama.cpp's
-  architecture name, hyper-parameters and tensor names, the tokenizer (byte-level BPE
-  tokens, merges, token types, special ids) and the chat template, as F32, F16 or Q8_0;
+  architecture name, hyper-parameters and tensor names, the tokenizer and the chat
+  template (:mod:`cosmic_tl.gguf_tokenizer`), as F32, F16 or Q8_0;
 - the **direction as a control vector** (:func:`save_control_vector`), which llama.cpp
   adds to one block's output: ``llama-cli -m model.gguf --control-vector-scaled cv.gguf α``.
 
@@ -16,22 +16,20 @@ the *input* of block ``l``, which is the output of block ``l − 1``, so the dir
 into ``direction.{l−1}`` and picks at layers 0 and 1 cannot be expressed.
 
 Architectures: Llama (SmolLM2) and Gemma 3 (text); any other is refused by name.
-Tokenizers: byte-level BPE whose pre-tokenizer llama.cpp names (SmolLM's ``smollm``);
-SentencePiece tokenizers (the real Gemma 3's) are refused.
+Tokenizers: byte-level BPE whose pre-tokenizer llama.cpp names (SmolLM's ``smollm``) and
+SentencePiece BPE (Gemma 3's); any other kind is refused by name.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import logging
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -40,15 +38,12 @@ from torch import Tensor
 
 from cosmic_tl.config import Mode
 from cosmic_tl.export import orthogonalize, plain_hf_model, source_tokenizer
+from cosmic_tl.gguf_tokenizer import GGUFExportError, write_tokenizer
 
 log = logging.getLogger("cosmic_tl")
 
 GGUFType = Literal["f32", "f16", "q8_0"]
 GGUF_TYPES: tuple[GGUFType, ...] = ("f32", "f16", "q8_0")
-
-
-class GGUFExportError(ValueError):
-    """The model, tokenizer, pick or output path cannot be written as asked."""
 
 
 # ---------------------------------------------------------------------------- output files
@@ -230,11 +225,13 @@ class _Family:
     check: Callable[[Any], None]
     hparams: Callable[[Any, Any], None]
     transform: Callable[[str, np.ndarray, Any], np.ndarray]
+    # SentencePiece pieces of "▁" alone are user-defined runs of spaces (Gemma's)
+    space_runs: bool = False
 
 
 FAMILIES: dict[str, _Family] = {
     "llama": _Family("llama", _llama_check, _llama_hparams, _permute_qk),
-    "gemma3_text": _Family("gemma3", _gemma3_check, _gemma3_hparams, _gemma3_norms),
+    "gemma3_text": _Family("gemma3", _gemma3_check, _gemma3_hparams, _gemma3_norms, space_runs=True),
 }
 
 
@@ -297,105 +294,6 @@ def _encode(name: str, data: np.ndarray, kind: GGUFType) -> tuple[np.ndarray, An
         return gguf.quants.quantize(data, Q.F16), Q.F16
 
 
-# ---------------------------------------------------------------------------- tokenizer
-
-# llama.cpp's converter names a byte-level BPE pre-tokenizer by hashing how the tokenizer
-# splits a test text. We recognise the tokenizers we write by their vocabulary instead:
-# sha256 over the tokenizer's tokens in id order and its merges (see _fingerprint).
-KNOWN_PRE_TOKENIZERS: dict[str, str] = {
-    # SmolLM / SmolLM2 (49152 tokens), llama.cpp's "smollm"
-    "ae74b2a2c5bed17762861623bca674411d40387a0202d53c03c8bdafb2b81679": "smollm",
-}
-
-
-def _tokenizer_json(tokenizer: Any) -> dict[str, Any]:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise GGUFExportError(f"{type(tokenizer).__name__} has no fast (tokenizers) backend to read")
-    return cast(dict[str, Any], json.loads(backend.to_str()))
-
-
-def _merges(spec: dict[str, Any]) -> list[str]:
-    return [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
-
-
-def _fingerprint(tokens: list[str], merges: list[str]) -> str:
-    h = hashlib.sha256("\n".join(tokens).encode())
-    h.update(b"\n\n")
-    h.update("\n".join(merges).encode())
-    return h.hexdigest()
-
-
-def _vocab(tokenizer: Any, vocab_size: int, pre: str | None) -> tuple[list[str], list[int], str]:
-    """``(tokens, token types, pre-tokenizer name)`` as llama.cpp's ``gpt2`` tokenizer wants
-    them: every id up to ``vocab_size``, added tokens marked CONTROL (special) or
-    USER_DEFINED, ids the tokenizer lacks as UNUSED ``[PAD{i}]``."""
-    import gguf
-
-    spec = _tokenizer_json(tokenizer)
-    model, decoder = spec.get("model", {}), spec.get("decoder") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
-        raise GGUFExportError(
-            "only byte-level BPE tokenizers (GPT-2 style, as SmolLM2's) are written; this one is "
-            f"{model.get('type')} with a {decoder.get('type')} decoder (SentencePiece tokenizers, "
-            "such as the real Gemma 3's, are not supported yet)"
-        )
-    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    if max(by_id) >= vocab_size:
-        raise GGUFExportError(f"the tokenizer has ids up to {max(by_id)}, the model only {vocab_size}")
-    added = {t.content: t for t in tokenizer.added_tokens_decoder.values()}
-    tokens, types = [], []
-    for i in range(vocab_size):
-        token = by_id.get(i)
-        if token is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif token in added:
-            tokens.append(token)
-            types.append(gguf.TokenType.CONTROL if added[token].special else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(token)
-            types.append(gguf.TokenType.NORMAL)
-    if pre is None:
-        own = [by_id[i] for i in sorted(by_id)]
-        pre = KNOWN_PRE_TOKENIZERS.get(_fingerprint(own, _merges(spec)))
-    if pre is None:
-        raise GGUFExportError(
-            "llama.cpp must be told how this BPE tokenizer splits text before merging "
-            f"(tokenizer.ggml.pre) and it is not one this writer knows "
-            f"({', '.join(sorted(set(KNOWN_PRE_TOKENIZERS.values())))}); pass pre_tokenizer="
-        )
-    return tokens, [int(t) for t in types], pre
-
-
-def _write_vocab(w: Any, tokenizer: Any, vocab_size: int, pre: str | None) -> None:
-    """Tokens, merges, special ids, BOS/EOS flags and the chat template, as the converter
-    writes them (gguf's ``SpecialVocab`` reads them from the saved tokenizer files)."""
-    import gguf
-
-    tokens, types, pre = _vocab(tokenizer, vocab_size, pre)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre)
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    with tempfile.TemporaryDirectory(prefix="cosmic-tl-tokenizer-") as tmp:
-        tokenizer.save_pretrained(tmp)
-        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
-    if not special.merges:
-        special.merges = _merges(_tokenizer_json(tokenizer))
-    if special.chat_template is None and getattr(tokenizer, "chat_template", None):
-        special.chat_template = tokenizer.chat_template
-    # Whether llama.cpp adds BOS / EOS to a text, as the tokenizer itself does.
-    ids = tokenizer("a")["input_ids"]
-    special.add_special_token["bos"] = tokenizer.bos_token_id is not None and (
-        ids[:1] == [tokenizer.bos_token_id]
-    )
-    special.add_special_token["eos"] = tokenizer.eos_token_id is not None and (
-        ids[-1:] == [tokenizer.eos_token_id]
-    )
-    special.add_to_gguf(w, quiet=True)
-
-
 # ---------------------------------------------------------------------------- the model file
 
 
@@ -414,8 +312,8 @@ def save_gguf(
 
     Refuses an existing ``path`` unless ``force``; written atomically. ``tokenizer``
     defaults to the one in the model's directory (:func:`source_tokenizer`);
-    ``pre_tokenizer`` names llama.cpp's pre-tokenizer for a BPE tokenizer this module
-    does not recognise.
+    ``pre_tokenizer`` names llama.cpp's pre-tokenizer for a byte-level BPE tokenizer this
+    module does not recognise (a SentencePiece one needs none).
 
     >>> save_gguf(orthogonalize(model, r), "edited-q8_0.gguf", type="q8_0")  # doctest: +SKIP
     """
@@ -440,7 +338,9 @@ def save_gguf(
         w.add_name(name or Path(str(getattr(cfg, "_name_or_path", "") or family.arch)).name)
         family.hparams(w, cfg)
         w.add_file_type(int(file_type))
-        _write_vocab(w, tokenizer, int(cfg.vocab_size), pre_tokenizer)
+        write_tokenizer(
+            w, tokenizer, int(cfg.vocab_size), pre=pre_tokenizer, space_runs=family.space_runs
+        )
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for tensor_name, data, qtype in tensors:
             w.add_tensor(tensor_name, data, raw_dtype=qtype)

@@ -33,6 +33,7 @@ LAYERS: dict[str, int] = {
     "bootstrap": 6,
     "export": 6,
     "gguf_export": 6,
+    "gguf_tokenizer": 0,
     "plots": 6,
     "models.organisms.texts": 7,
     "models.organisms.recipes": 7,
