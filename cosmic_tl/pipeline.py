@@ -13,6 +13,7 @@ manager::
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from cosmic_tl.audit import Audit, audit
 from cosmic_tl.candidates import Candidates, compute_candidates
 from cosmic_tl.comparison import compare
 from cosmic_tl.config import Config, check_device, torch_dtype
@@ -68,6 +70,7 @@ SETS = (
 # Bump when a stage's files change format, so that older run directories redo it.
 SCORES_FORMAT = 2  # 2: Arditi's grids with linear interventions in every mode, norm grid
 SELECT_FORMAT = 3  # 3: one selection per method, comparison.json keyed by baseline
+AUDIT_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -427,6 +430,60 @@ class Pipeline:
                 kl=sel.scores.get("KL"),
             )
         return RunMetrics(tuple(judge.phrases), harmful_clean, harmless_clean, methods)
+
+    def audit(self, *, k: int = 8, stratified: int = 8, seed: int = 0) -> Audit:
+        """The behavioural audit (:func:`cosmic_tl.audit.audit`) of every method's
+        candidates on the test prompts; resumable group by group."""
+        self.select()
+        cfg, judge = self.cfg, run_judge(self.cfg)
+
+        def work() -> dict[str, Any]:
+            methods = run_methods(cfg)
+            loaded: dict[Path, Candidates] = {}  # methods that share a set share one object
+            cands = {}
+            for m in methods:
+                path = self.dir.candidates_for(m, cfg)
+                cands[m] = loaded.setdefault(path, Candidates.load(path, self.model))
+            result = audit(
+                self.model,
+                {m: Selection.load(self.dir.selection(m)) for m in methods},
+                {m: Scores.load(self.dir.scores_for(m, cfg)) for m in methods},
+                cands,
+                self.chat("harmful_test"),
+                self.chat("harmless_test"),
+                judge=judge,
+                settings=cfg.selection,
+                k=k,
+                stratified=stratified,
+                seed=seed,
+                max_new_tokens=cfg.max_new_tokens,
+                max_rows=cfg.batch_size,
+                placement=cfg.ablation_placement,
+                checkpoint=self.dir.audit_parts,
+                key=self.keys["audit"],
+                progress=self.progress,
+            )
+            result.save(self.dir.audit)
+            shutil.rmtree(self.dir.audit_parts, ignore_errors=True)  # the record has it all
+            seconds = result.stats["seconds"]
+            self.say(f"[audit] {len(result.rows)} candidates in {seconds:.1f} s wall time")
+            for m, s in result.methods.items():
+                self.say(
+                    f"[audit] {m}: pick {s.pick} behaviour {s.pick_score}, best {s.best} "
+                    f"{s.best_score}, regret {s.regret}, Spearman {s.spearman}"
+                )
+            return {"candidates": len(result.rows), "wall_seconds": round(seconds, 2)}
+
+        extra = {
+            **self.prompts.hash("harmful_test", "harmless_test"),
+            "judge": judge.phrases,
+            "k": k,
+            "stratified": stratified,
+            "seed": seed,
+            "format": AUDIT_FORMAT,
+        }
+        self._stage("audit", ["select"], extra, work)
+        return Audit.load(self.dir.audit)
 
     def report(self) -> Path:
         from cosmic_tl.report import write_report

@@ -66,6 +66,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     ),
     "select": ("selection", "baseline", "baselines"),
     "evaluate": ("n_test", "max_new_tokens"),
+    "audit": ("n_test", "max_new_tokens", "ablation_placement"),
 }
 LOCK = ".lock"
 
@@ -156,6 +157,16 @@ class RunDir:
         return self.root / "completions" / f"{name}.jsonl"
 
     @property
+    def audit(self) -> Path:
+        """The behavioural audit's record (:class:`~cosmic_tl.audit.Audit`)."""
+        return self.root / "audit"
+
+    @property
+    def audit_parts(self) -> Path:
+        """The audit's finished groups of candidates, kept until the audit is done."""
+        return self.root / "audit_parts"
+
+    @property
     def report(self) -> Path:
         return self.root / "report.html"
 
@@ -181,6 +192,8 @@ class RunDir:
             return [p for r in records for p in record_paths(r)] + [self.comparison]
         elif stage == "evaluate":
             return [self.metrics]
+        elif stage == "audit":
+            records = [self.audit]
         return [p for r in records for p in record_paths(r)]
 
     # ---------------------------------------------------------------- setup
