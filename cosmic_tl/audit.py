@@ -698,18 +698,23 @@ def audit(
         texts = [decode([t for t in row if t not in stops], skip_special_tokens=True) for row in tokens]
         return judge(list(prompts.instructions), texts)
 
-    zero = Estimate(0.0, 0.0, 0.0, len(harmless))
+    nothing = Estimate(0.0, 0.0, 0.0, len(harmless))
     clean_b = Behaviour(
         attack_success_rate(verdicts(harmful, clean["harmful"])),
         refusal_rate(verdicts(harmless, clean["harmless"])),
-        zero,
-        zero,
+        nothing,
+        nothing,
     )
 
-    # The candidates, in groups that share stacked batches.
+    # A zero direction changes nothing: it behaves as no intervention, without generating.
+    def zero(p: Planned) -> bool:
+        return not bool(candidates[p.source].directions[p.index].any())
+
+    live = [p for p in planned if not zero(p)]
+    # The other candidates, in groups that share stacked batches.
     per_group = max(1, max_rows // max(len(harmful), len(harmless)))
-    groups = [planned[s : s + per_group] for s in range(0, len(planned), per_group)]
-    behaviours: list[Behaviour] = []
+    groups = [live[s : s + per_group] for s in range(0, len(live), per_group)]
+    measured: dict[tuple[str, Cell], Behaviour] = {}
     evaluated = 0
     for g, group in enumerate(tqdm(groups, desc="audit", unit="group", disable=not progress)):
         what = [[p.source, list(p.index)] for p in group]
@@ -732,9 +737,11 @@ def audit(
             )
             store.put(f"group_{g:03d}", what, done)
             evaluated += len(group)
-        behaviours += [Behaviour.from_dict(b) for b in done]
+        for p, b in zip(group, done, strict=True):
+            measured[(p.source, p.index)] = Behaviour.from_dict(b)
         if on_group is not None:
             on_group(g + 1, len(groups))
+    behaviours = [measured.get((p.source, p.index), clean_b) for p in planned]
 
     grids = {m: ranking_grid(scores[m], m) for m in selections}
     fates = {m: filter_reasons(scores[m], m, settings) for m in selections}
@@ -768,6 +775,7 @@ def audit(
             "seconds": time.perf_counter() - started,
             "candidates": float(len(planned)),
             "evaluated": float(evaluated),
+            "zero_directions": float(len(planned) - len(live)),
         },
     )
 

@@ -71,6 +71,7 @@ SETS = (
 SCORES_FORMAT = 2  # 2: Arditi's grids with linear interventions in every mode, norm grid
 SELECT_FORMAT = 3  # 3: one selection per method, comparison.json keyed by baseline
 AUDIT_FORMAT = 1
+AUDIT_ROWS = 64  # rows of one stacked audit batch (two candidates at the CPU preset's 32 prompts)
 
 
 @dataclass(frozen=True)
@@ -457,7 +458,7 @@ class Pipeline:
                 stratified=stratified,
                 seed=seed,
                 max_new_tokens=cfg.max_new_tokens,
-                max_rows=cfg.batch_size,
+                max_rows=max(cfg.batch_size, AUDIT_ROWS),
                 placement=cfg.ablation_placement,
                 checkpoint=self.dir.audit_parts,
                 key=self.keys["audit"],

@@ -4,13 +4,14 @@ agreement with evaluation, batched rows, resume, and a method that found nothing
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import json
 import math
 
 import pytest
 import torch
 from conftest import HARMFUL, HARMLESS
 
-from cosmic_tl import audit as audit_mod
 from cosmic_tl.audit import (
     Audit,
     AuditRow,
@@ -32,6 +33,8 @@ from cosmic_tl.planner import score_candidates
 from cosmic_tl.selection import SELECT, NoCandidateError, Selection
 from cosmic_tl.templates import chat_prompts
 
+# the module (``cosmic_tl.audit`` the attribute is the function, as for ``sweep``)
+audit_mod = importlib.import_module("cosmic_tl.audit")
 METHODS = ("cosmic", "refusal_tokens", "substring")
 
 # ---------------------------------------------------------------- statistics
@@ -267,13 +270,14 @@ def test_a_killed_audit_resumes_without_redoing_finished_groups(tiny, tiny_run, 
     assert (tmp_path / "group_000.json").is_file() and not (tmp_path / "group_001.json").exists()
     monkeypatch.setattr(audit_mod, "_evaluate_group", real)
     resumed = _audit(tiny, cands, scores, sels, harmful, harmless, **kw)
-    n_groups = math.ceil(len(resumed.rows) / 2)  # 4 rows of 2 prompts: 2 candidates a group
-    assert n_groups >= 2 and resumed.stats["evaluated"] == len(resumed.rows) - len(calls[0])
+    live = len(resumed.rows) - resumed.stats["zero_directions"]  # zero ones are not generated
+    assert math.ceil(live / 2) >= 2  # 4 rows of 2 prompts: 2 candidates a group
+    assert resumed.stats["evaluated"] == live - len(calls[0])
     fresh = _audit(tiny, cands, scores, sels, harmful, harmless, **{**kw, "checkpoint": None})
     assert [r.behaviour for r in resumed.rows] == [r.behaviour for r in fresh.rows]
     # another key (other settings) reuses nothing
     other = _audit(tiny, cands, scores, sels, harmful, harmless, **{**kw, "key": "k2"})
-    assert other.stats["evaluated"] == len(other.rows)
+    assert other.stats["evaluated"] == live
 
 
 def test_a_method_that_found_nothing_is_reported(tiny):
@@ -289,3 +293,42 @@ def test_a_method_that_found_nothing_is_reported(tiny):
     assert s.pick is None and s.regret is None and s.pick_score is None
     assert "discarded" in s.message and s.best is not None
     assert all(r.reasons["cosmic"] == "late_layer" for r in result.rows)
+
+
+# ---------------------------------------------------------------- the stage and the command
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["picks", "cosmic-finds-nothing"])
+def test_audit_command_is_a_resumable_stage_and_a_report_section(tiny_dir, tmp_path, caplog, late):
+    from test_cli import _args
+
+    from cosmic_tl import cli
+    from cosmic_tl.results import RunMetrics
+    from cosmic_tl.rundir import RunDir
+
+    extra = ["--max-layer-fraction", "0.1"] if late else []
+    assert cli.main(_args(tiny_dir, tmp_path, *extra)) == 0
+    caplog.set_level("INFO", logger="cosmic_tl")
+    audit_args = ["audit", str(tmp_path), "--k", "2", "--stratified", "1", "--quiet"]
+    assert cli.main(audit_args) == 0
+    run = RunDir(tmp_path)
+    result = Audit.load(run.audit)
+    assert "audit" in json.loads(run.stages.read_text())
+    assert not run.audit_parts.exists()  # the finished record holds everything
+    assert "candidates in" in caplog.text and "wall time" in caplog.text
+    html = run.report.read_text()
+    assert "Audit (behaviour of many candidates)" in html and "fig-audit_heatmap" in html
+    metrics = RunMetrics.load(run.metrics)
+    for method, s in result.methods.items():
+        m = metrics.methods[method]
+        assert (s.pick is not None) == m.found
+        if m.found:  # the audit's generation of the pick agrees with the evaluation's
+            assert result.row(s.pick).behaviour.asr == m.attack_success
+    if late:
+        assert result.methods["cosmic"].pick is None and "none: cosmic" in html
+    caplog.clear()
+    assert cli.main(audit_args) == 0
+    assert "[audit] up to date" in caplog.text
+    assert cli.main([*audit_args[:3], "3", *audit_args[4:]]) == 0  # another k: recomputed
+    assert "[audit] running" in caplog.text
+    assert cli.main(["audit", str(tmp_path / "nothing-here")]) == 2
