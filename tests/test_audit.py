@@ -169,6 +169,14 @@ def test_the_planted_cell_is_the_best_audited_candidate(planted, tmp_path):
     assert all(r.behaviour.score <= 0.5 for r in result.rows if r.cell != info.cell)
     assert abs(best.behaviour.kl.mean) < 1e-6 and abs(best.behaviour.ce.mean) < 1e-6
     assert result.clean.asr.rate == 0.0 and result.clean.induced.rate == 0.0
+    # the filters, known by construction (6 layers: late from 4, position -1 late from 3)
+    assert result.row((-1, 0)).reasons == dict.fromkeys(METHODS, "zero_direction")
+    assert result.row((-1, 3)).reasons == {
+        "cosmic": "",
+        "refusal_tokens": "induce",  # adding d at layer 3 makes no one say "I"
+        "substring": "late_last_position",
+    }
+    assert result.row((-1, 4)).reasons["cosmic"] == "late_layer"
     for m, s in result.methods.items():
         assert s.best == info.cell
         assert (s.regret == 0.0) == (s.pick == info.cell), (m, s)
@@ -332,3 +340,26 @@ def test_audit_command_is_a_resumable_stage_and_a_report_section(tiny_dir, tmp_p
     assert cli.main([*audit_args[:3], "3", *audit_args[4:]]) == 0  # another k: recomputed
     assert "[audit] running" in caplog.text
     assert cli.main(["audit", str(tmp_path / "nothing-here")]) == 2
+
+
+def test_filter_reasons_follow_the_grids_where_kl_was_computed(tiny):
+    from cosmic_tl.selection import KEPT, KL_NOT_SCORED, PREFILTERS, filter_reasons
+
+    cands = compute_candidates(tiny, HARMFUL, HARMLESS, batch_size=8, progress=False)
+    scores = score_candidates(tiny, cands, HARMFUL[:3], HARMLESS[:3], progress=False)  # lazy KL
+    settings = SelectionSettings(kl_threshold=0.05)
+    sel = SELECT["cosmic"](scores, settings)
+    reasons = filter_reasons(scores, "cosmic", settings)
+    pre = PREFILTERS["cosmic"](scores, settings)
+    kl, done = scores.grids["KL"], scores.computed["KL"]
+    i = scores.positions.index(sel.pick[0])
+    assert reasons[i][sel.pick[1]] == KEPT
+    for a, row in enumerate(reasons):
+        for b, why in enumerate(row):
+            if pre[a][b] != KEPT:
+                assert why == pre[a][b]
+            elif not bool(done[a, b]):
+                assert why == KL_NOT_SCORED
+            else:
+                assert why == ("kl" if float(kl[a, b]) > 0.05 else KEPT)
+    assert any(KL_NOT_SCORED in row for row in reasons)  # lazy scoring skipped some
