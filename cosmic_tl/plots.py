@@ -589,9 +589,8 @@ def audit_scatter(audit: Audit) -> go.Figure:
     titles = []
     for m in methods:
         rho = audit.methods[m].spearman
-        titles.append(
-            f"{PICK_STYLE.get(m, ('', '', m))[2]}: Spearman {_fmt(rho) if rho is not None else 'n/a'}"
-        )
+        rho_text = f"{rho:.2f}" if rho is not None else "n/a"
+        titles.append(f"{PICK_STYLE.get(m, ('', '', m))[2]}: Spearman {rho_text}")
     fig = make_subplots(rows=1, cols=max(1, len(methods)), subplot_titles=titles or None)
     for col, m in enumerate(methods, 1):
         rows = [r for r in audit.rows_of(m) if r.proxy.get(m) is not None]
@@ -604,7 +603,11 @@ def audit_scatter(audit: Audit) -> go.Figure:
                     x=[r.proxy[m] for r in pool],
                     y=[r.behaviour.score for r in pool],
                     mode="markers",
-                    marker={"symbol": "circle" if kept else "circle-open", "size": 9},
+                    marker={
+                        "symbol": "circle" if kept else "circle-open",
+                        "size": 9,
+                        "color": "#1f77b4" if kept else "#d62728",
+                    },
                     name="passes the filters" if kept else "removed by a filter",
                     legendgroup=str(kept),
                     showlegend=col == 1,

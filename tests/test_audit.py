@@ -187,6 +187,18 @@ def test_the_planted_cell_is_the_best_audited_candidate(planted, tmp_path):
     assert s.regret == pytest.approx(1.0 - result.row((-1, 3)).behaviour.score) and s.regret > 0
     result.save(tmp_path / "audit")
     assert Audit.load(tmp_path / "audit") == result
+    # the figures: behaviour over the grid with the picks, proxy against behaviour per method
+    from cosmic_tl.plots import audit_heatmap, audit_scatter
+
+    heat = audit_heatmap(result)
+    assert heat.data[0].z[0] == [r.behaviour.score for r in sorted(result.rows, key=lambda r: r.layer)]
+    assert {t.name for t in heat.data[1:]} == {"COSMIC pick", "baseline pick", "substring pick"}
+    scatter = audit_scatter(result)
+    assert [a.text.split(":")[0] for a in scatter.layout.annotations] == [
+        "COSMIC",
+        "baseline",
+        "substring",
+    ]
 
 
 # ---------------------------------------------------------------- on the tiny random model
