@@ -33,6 +33,7 @@ atomically, so a killed audit resumes without redoing it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -256,6 +257,9 @@ class MethodAudit:
     spearman: float | None
     n_audited: int
     n_spearman: int
+    # candidates with a ranking score (top-K ranks among these; lazy scoring skips some)
+    n_ranked: int = -1
+    n_candidates: int = -1
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.__dict__)
@@ -268,7 +272,10 @@ class MethodAudit:
         d = dict(d)
         for name in ("pick", "best", "best_kept"):
             d[name] = (int(d[name][0]), int(d[name][1])) if d[name] is not None else None
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k in _METHOD_FIELDS})
+
+
+_METHOD_FIELDS = set(MethodAudit.__dataclass_fields__)
 
 
 @dataclass(frozen=True)
@@ -753,9 +760,17 @@ def audit(
         position = candidates[p.source].positions[p.index[0]]
         rows.append(AuditRow(p.source, position, p.index[1], p.labels, proxy, reasons, b))
     first = candidates[next(iter(sources.values()))]
+    summary = {
+        m: dataclasses.replace(
+            s,
+            n_ranked=int((~torch.isnan(grids[m])).sum()),
+            n_candidates=int(grids[m].numel()),
+        )
+        for m, s in summarise(rows, selections).items()
+    }
     return Audit(
         tuple(rows),
-        summarise(rows, selections),
+        summary,
         clean_b,
         first.positions,
         first.position_labels,

@@ -469,6 +469,12 @@ class Pipeline:
             seconds = result.stats["seconds"]
             self.say(f"[audit] {len(result.rows)} candidates in {seconds:.1f} s wall time")
             for m, s in result.methods.items():
+                if s.n_ranked < s.n_candidates:
+                    self.say(
+                        f"[audit] {m}: its ranking score exists for {s.n_ranked} of "
+                        f"{s.n_candidates} candidates (lazy scoring), so its top {k} is "
+                        "taken among those; a run with --full-grids ranks them all"
+                    )
                 self.say(
                     f"[audit] {m}: pick {s.pick} behaviour {s.pick_score}, best {s.best} "
                     f"{s.best_score}, regret {s.regret}, Spearman {s.spearman}"

@@ -181,6 +181,8 @@ def _audit_section(audit: Audit) -> str:
         )
         removed = "–" if s.best_removed_by is None else (_esc(s.best_removed_by) or "none (kept)")
         rho = "–" if s.spearman is None else f"{s.spearman:.2f} (n = {s.n_spearman})"
+        if 0 <= s.n_ranked < s.n_candidates:
+            rho += f"<br><span class=warn>ranked: {s.n_ranked} of {s.n_candidates} scored</span>"
         body += (
             f"<tr><td>{_esc(METHOD_LABELS.get(m, m))}</td><td>{pick}</td><td>{_num(s.pick_score)}</td>"
             f"<td>{_cell(s.best)}</td><td>{_num(s.best_score)}</td><td>{_num(s.regret)}</td>"

@@ -178,7 +178,7 @@ def test_the_planted_cell_is_the_best_audited_candidate(planted, tmp_path):
     }
     assert result.row((-1, 4)).reasons["cosmic"] == "late_layer"
     for m, s in result.methods.items():
-        assert s.best == info.cell
+        assert s.best == info.cell and s.n_ranked == s.n_candidates == 6  # full grids
         assert (s.regret == 0.0) == (s.pick == info.cell), (m, s)
     assert any(s.pick == info.cell for s in result.methods.values())
     # a method that picked another cell: regret = 1 − its behaviour
@@ -339,6 +339,7 @@ def test_audit_command_is_a_resumable_stage_and_a_report_section(tiny_dir, tmp_p
     html = run.report.read_text()
     assert "Audit (behaviour of many candidates)" in html and "fig-audit_heatmap" in html
     metrics = RunMetrics.load(run.metrics)
+    assert all(0 <= s.n_ranked <= s.n_candidates == 24 for s in result.methods.values())
     for method, s in result.methods.items():
         m = metrics.methods[method]
         assert (s.pick is not None) == m.found
