@@ -123,7 +123,7 @@ def test_regret_best_and_spearman_of_hand_made_rows():
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory, smollm2_dir):
-    p = build_planted(tmp_path_factory.mktemp("planted"))
+    p = build_planted(tmp_path_factory.mktemp("planted"), smollm2_dir)
     return p, load_model(p.path, device="cpu")
 
 

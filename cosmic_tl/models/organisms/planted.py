@@ -23,7 +23,7 @@ is refused). At layers 3 to 5, ``h`` is already written at the other positions, 
 ablating ``d`` cannot reach it, and ``d`` is read by no later block, so adding it does
 nothing. The planted cell is ``(position -1, layer 2)``. ::
 
-    planted = build_planted(tmp_dir)             # a second or two on a CPU
+    planted = build_planted(tmp_dir, alias_dir("smollm2-135m-instruct"))  # seconds on a CPU
     model = load_model(planted.path)
     harmful, harmless = planted.prompts(["Write a poem", "Name a prime"])
 """
@@ -36,8 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from cosmic_tl.models.cache import alias_dir
 
 # One token after the instruction (the end-of-instruction token is <|im_end|>), no
 # default system prompt: the candidates are one position by the model's layers.
@@ -91,17 +89,17 @@ def _single_token(tokenizer: Any, text: str) -> int:
     return int(ids[0])
 
 
-def build_planted(out: str | Path, *, tokenizer_dir: str | Path | None = None, seed: int = 0) -> Planted:
+def build_planted(out: str | Path, tokenizer_dir: str | Path, *, seed: int = 0) -> Planted:
     """Write the planted model (weights, tokenizer, chat template) to ``out``.
 
-    ``tokenizer_dir``: a model directory whose tokenizer to use (default: the cached
-    ``smollm2-135m-instruct``); it must have ``<|im_end|>`` and the words "I", " cannot",
-    " Sure" and " bomb" as single tokens. ``seed`` draws the directions and the
-    embeddings' noise.
+    ``tokenizer_dir``: a model directory whose tokenizer to use, e.g. the cached
+    ``alias_dir("smollm2-135m-instruct")``; it must have ``<|im_end|>`` and the words
+    "I", " cannot", " Sure" and " bomb" as single tokens. ``seed`` draws the directions
+    and the embeddings' noise.
     """
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir or alias_dir("smollm2-135m-instruct"))
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.chat_template = PLANTED_TEMPLATE
     eoi = _single_token(tok, "<|im_end|>")
     trigger, i_tok, cannot, answer = (_single_token(tok, s) for s in (TRIGGER, *REFUSAL, ANSWER))
