@@ -14,6 +14,7 @@ A minimal example::
     ct.compare(pick, baseline)
 """
 
+from cosmic_tl.audit import Audit, audit
 from cosmic_tl.bootstrap import Stability, stability
 from cosmic_tl.candidates import Candidates, IncompatibleError, compute_candidates
 from cosmic_tl.comparison import Comparison, compare
@@ -50,6 +51,7 @@ from cosmic_tl.interventions import (
     unit,
 )
 from cosmic_tl.models import ModelSpecError, load_model
+from cosmic_tl.models.organisms.planted import Planted, build_planted
 from cosmic_tl.planner import score_candidates, suggest_refusal_tokens
 from cosmic_tl.prompts import (
     PromptFileError,
@@ -82,6 +84,7 @@ __all__ = [
     "DEFAULT_REFUSAL_PHRASES",
     "FORMAT_NAMES",
     "PRESETS",
+    "Audit",
     "PROMPT_FORMATS",
     "Candidates",
     "ChatTemplateError",
@@ -93,6 +96,7 @@ __all__ = [
     "IncompatibleError",
     "Intervention",
     "ModelSpecError",
+    "Planted",
     "NoCandidateError",
     "PromptFileError",
     "PromptFormatError",
@@ -109,6 +113,8 @@ __all__ = [
     "affine_ablate",
     "affine_add",
     "attack_success_rate",
+    "audit",
+    "build_planted",
     "chat_prompts",
     "clean_logits",
     "clean_prompts",

@@ -6,6 +6,7 @@
     cosmic-tl stability runs/NAME [--resamples 10 --seed 0]   (picks over bootstrap resamples)
     cosmic-tl export --out runs/NAME --to DIR        (model with the direction removed from its weights)
     cosmic-tl export runs/NAME --format gguf         (the same, the model and a control vector for llama.cpp)
+    cosmic-tl audit runs/NAME [--k 8 --stratified 8] (evaluate many candidates by generation)
     cosmic-tl models                                 (aliases and whether they are built)
     cosmic-tl build smollm2-135m-refuse              (build an organism ahead of time)
 
@@ -155,6 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--resamples", type=int, default=10, help="bootstrap resamples (default: 10)")
     st.add_argument("--seed", type=int, default=0, help="seed of the resamples (default: 0)")
     st.add_argument("--quiet", action="store_true", help="no progress bars")
+    aud = sub.add_parser(
+        "audit",
+        help="evaluate by generation each method's top candidates, its pick and a stratified "
+        "sample (ASR, induced refusal, KL, capability damage); regret and proxy agreement",
+    )
+    aud.add_argument("run", type=Path, help="the run directory")
+    aud.add_argument("--k", type=int, default=8, help="top candidates per method (default: 8)")
+    aud.add_argument(
+        "--stratified", type=int, default=8, help="candidates drawn across the grid (default: 8)"
+    )
+    aud.add_argument("--seed", type=int, default=0, help="seed of the sample and the bootstrap")
+    aud.add_argument("--quiet", action="store_true", help="no progress bars")
     sub.add_parser("models", help="list built-in model aliases and whether they are built")
     b = sub.add_parser("build", help="build model aliases (e.g. the organisms) into the cache")
     b.add_argument("aliases", nargs="+", metavar="alias")
@@ -208,6 +221,14 @@ def _dispatch(ns: argparse.Namespace, say: Any) -> int:
         return _export(ns, say)
     if ns.command == "stability":
         return _stability(ns, say)
+    if ns.command == "audit":
+        if not RunDir(ns.run).config.is_file():
+            raise ValueError(f"{ns.run} is not a run directory (no config.json)")
+        cfg = Config.from_dict(read_json(RunDir(ns.run).config))
+        with Pipeline(cfg, ns.run, progress=not ns.quiet, say=say) as pipe:
+            pipe.audit(k=ns.k, stratified=ns.stratified, seed=ns.seed)
+            pipe.report()
+        return 0
     if ns.command == "report":
         cfg = Config.from_dict(read_json(RunDir(ns.out).config))
         with Pipeline(cfg, ns.out, progress=False, say=say) as pipe:

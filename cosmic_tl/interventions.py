@@ -257,3 +257,46 @@ def intervene(model: Any, *interventions: Intervention) -> Iterator[Any]:
     hooks = [h for iv in interventions for h in intervention_hooks(iv, points)]
     with model.hooks(fwd_hooks=hooks):
         yield model
+
+
+Rows = tuple[Intervention | None, int]  # an intervention (None: none) and how many batch rows
+
+
+def _on_rows(act: Tensor, hook: Any, *, parts: tuple[tuple[int, HookFn | None], ...]) -> Tensor:
+    """Hook body: each consecutive block of batch rows through its own hook (or unchanged)."""
+    total = sum(n for n, _ in parts)
+    if act.shape[0] != total:
+        raise ValueError(f"{hook.name}: a batch of {act.shape[0]} rows, the row groups cover {total}")
+    pieces, start = [], 0
+    for n, fn in parts:
+        rows = act[start : start + n]
+        pieces.append(rows if fn is None else fn(rows, hook))
+        start += n
+    return torch.cat(pieces)
+
+
+def row_hooks(groups: list[Rows], model: Any) -> list[tuple[str, HookFn]]:
+    """One hook list that applies a different intervention to each block of batch rows.
+
+    ``groups`` is ``[(intervention or None, n_rows), ...]`` in batch order: the first
+    ``n_rows`` rows get the first intervention, and so on. Each block goes through
+    exactly the hooks :func:`intervention_hooks` builds for its intervention, so a row
+    sees what it would see in a batch of its own; this stacks candidates along the batch
+    to generate for many at once.
+    """
+    points = model if isinstance(model, HookPoints) else HookPoints.of(model)
+    by_name: dict[str, list[tuple[int, HookFn | None]]] = {}
+    for g, (iv, n) in enumerate(groups):
+        if n < 0:
+            raise ValueError(f"row group {g} has {n} rows")
+        hooks = intervention_hooks(iv, points) if iv is not None and not iv.is_identity else []
+        for name, fn in hooks:
+            by_name.setdefault(name, [(m, None) for _, m in groups])[g] = (n, fn)
+    return [(name, partial(_on_rows, parts=tuple(parts))) for name, parts in by_name.items()]
+
+
+@contextmanager
+def intervene_rows(model: Any, groups: list[Rows]) -> Iterator[Any]:
+    """Apply :func:`row_hooks` to every forward pass (and ``generate``) inside the block."""
+    with model.hooks(fwd_hooks=row_hooks(groups, model)):
+        yield model

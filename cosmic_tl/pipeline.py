@@ -13,6 +13,7 @@ manager::
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from cosmic_tl.audit import Audit, audit
 from cosmic_tl.bootstrap import SETS as BOOTSTRAP_SETS
 from cosmic_tl.bootstrap import Bootstrap, PromptFilter, Resample, Stability
 from cosmic_tl.candidates import Candidates, compute_candidates
@@ -71,6 +73,8 @@ SETS = (
 SCORES_FORMAT = 2  # 2: Arditi's grids with linear interventions in every mode, norm grid
 SELECT_FORMAT = 3  # 3: one selection per method, comparison.json keyed by baseline
 STABILITY_FORMAT = 1
+AUDIT_FORMAT = 1
+AUDIT_ROWS = 64  # rows of one stacked audit batch (two candidates at the CPU preset's 32 prompts)
 
 
 @dataclass(frozen=True)
@@ -508,6 +512,66 @@ class Pipeline:
             keep = set(data["sets"][name])
             kept[name] = frozenset(i for i, x in enumerate(self.prompts[name]) if x in keep)
         return PromptFilter(kept, tuple(data["refusal_tokens"]))
+
+    def audit(self, *, k: int = 8, stratified: int = 8, seed: int = 0) -> Audit:
+        """The behavioural audit (:func:`cosmic_tl.audit.audit`) of every method's
+        candidates on the test prompts; resumable group by group."""
+        self.select()
+        cfg, judge = self.cfg, run_judge(self.cfg)
+
+        def work() -> dict[str, Any]:
+            methods = run_methods(cfg)
+            loaded: dict[Path, Candidates] = {}  # methods that share a set share one object
+            cands = {}
+            for m in methods:
+                path = self.dir.candidates_for(m, cfg)
+                cands[m] = loaded.setdefault(path, Candidates.load(path, self.model))
+            result = audit(
+                self.model,
+                {m: Selection.load(self.dir.selection(m)) for m in methods},
+                {m: Scores.load(self.dir.scores_for(m, cfg)) for m in methods},
+                cands,
+                self.chat("harmful_test"),
+                self.chat("harmless_test"),
+                judge=judge,
+                settings=cfg.selection,
+                k=k,
+                stratified=stratified,
+                seed=seed,
+                max_new_tokens=cfg.max_new_tokens,
+                max_rows=max(cfg.batch_size, AUDIT_ROWS),
+                placement=cfg.ablation_placement,
+                checkpoint=self.dir.audit_parts,
+                key=self.keys["audit"],
+                progress=self.progress,
+            )
+            result.save(self.dir.audit)
+            shutil.rmtree(self.dir.audit_parts, ignore_errors=True)  # the record has it all
+            seconds = result.stats["seconds"]
+            self.say(f"[audit] {len(result.rows)} candidates in {seconds:.1f} s wall time")
+            for m, s in result.methods.items():
+                if s.n_ranked < s.n_candidates:
+                    self.say(
+                        f"[audit] {m}: its ranking score exists for {s.n_ranked} of "
+                        f"{s.n_candidates} candidates (lazy scoring), so its top {k} is "
+                        "taken among those; a run with --full-grids ranks them all"
+                    )
+                self.say(
+                    f"[audit] {m}: pick {s.pick} behaviour {s.pick_score}, best {s.best} "
+                    f"{s.best_score}, regret {s.regret}, Spearman {s.spearman}"
+                )
+            return {"candidates": len(result.rows), "wall_seconds": round(seconds, 2)}
+
+        extra = {
+            **self.prompts.hash("harmful_test", "harmless_test"),
+            "judge": judge.phrases,
+            "k": k,
+            "stratified": stratified,
+            "seed": seed,
+            "format": AUDIT_FORMAT,
+        }
+        self._stage("audit", ["select"], extra, work)
+        return Audit.load(self.dir.audit)
 
     def report(self) -> Path:
         from cosmic_tl.report import write_report

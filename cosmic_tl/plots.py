@@ -25,6 +25,7 @@ from jaxtyping import Bool, Float
 from plotly.subplots import make_subplots
 from torch import Tensor
 
+from cosmic_tl.audit import Audit, AuditRow
 from cosmic_tl.bootstrap import Stability
 from cosmic_tl.evaluation import Rate
 from cosmic_tl.scoring import Scores, cosine
@@ -568,3 +569,139 @@ def stability_heatmaps(stability: Stability) -> go.Figure:
         height=max(360, 60 + (120 + 45 * len(stability.positions)) * len(names)),
     )
     return fig
+
+
+# ---------------------------------------------------------------- the audit
+
+
+def _audit_hover(row: AuditRow) -> str:
+    b = row.behaviour
+    reasons = ", ".join(f"{m}: {r or 'kept'}" for m, r in row.reasons.items())
+    return (
+        f"position {_pos(row.position)}, layer {row.layer}<br>behaviour {_fmt(b.score)}<br>"
+        f"ASR (ablated) {b.asr}<br>induced refusal (added) {b.induced}<br>KL {b.kl}<br>"
+        f"Δ cross-entropy {b.ce}<br>{html.escape(', '.join(row.labels))}<br>{html.escape(reasons)}"
+    )
+
+
+def audit_heatmap(audit: Audit) -> go.Figure:
+    """The audited candidates' behaviour over the (position, layer) grid, picks marked.
+
+    Sparse: cells that were not audited are blank. Only the rows of the first candidate
+    set (COSMIC's) are drawn; a baseline on filtered prompts has its own set.
+    """
+    source = audit.rows[0].source if audit.rows else ""
+    rows = [r for r in audit.rows if r.source == source]
+    z = np.full((len(audit.positions), audit.n_layers), np.nan)
+    text = [["not audited"] * audit.n_layers for _ in audit.positions]
+    for r in rows:
+        i = audit.positions.index(r.position)
+        z[i, r.layer] = r.behaviour.score
+        text[i][r.layer] = _audit_hover(r)
+    fig = go.Figure(
+        go.Heatmap(
+            z=_as_z(z),
+            x=list(range(audit.n_layers)),
+            y=list(audit.positions),
+            text=text,
+            hoverinfo="text",
+            colorscale="Viridis",
+            zmin=0.0,
+            zmax=1.0,
+            colorbar={"title": "behaviour"},
+        )
+    )
+    for method, summary in audit.methods.items():
+        if summary.pick is None or method not in (rows[0].reasons if rows else {}):
+            continue
+        symbol, colour, short = PICK_STYLE.get(method, ("star", "gold", method))
+        fig.add_trace(
+            go.Scatter(
+                x=[summary.pick[1]],
+                y=[summary.pick[0]],
+                mode="markers",
+                marker={"symbol": symbol, "color": colour, "size": 16, "line": {"width": 2}},
+                name=f"{short} pick",
+                hoverinfo="skip",
+            )
+        )
+    fig.update_xaxes(title_text="layer l (candidate acts on the input of block l)")
+    fig.update_yaxes(
+        title_text="end-of-instruction position",
+        tickvals=list(audit.positions),
+        ticktext=[
+            f"{_pos(p)}: {html.escape(label, quote=False)}"
+            for p, label in zip(audit.positions, audit.position_labels, strict=True)
+        ],
+        autorange="reversed",
+    )
+    fig.update_layout(
+        title=f"Audit: behaviour of {len(rows)} candidates (mean of ASR ablated and refusal "
+        f"added) — {audit.model_id}, {audit.mode}",
+        height=max(320, 140 + 45 * len(audit.positions)),
+        legend={"orientation": "h", "y": -0.25},
+    )
+    return fig
+
+
+def audit_scatter(audit: Audit) -> go.Figure:
+    """Each method's proxy (its ranking score) against behaviour over the audited
+    candidates, kept ones filled, filtered ones open, the pick marked; Spearman in the title."""
+    methods = list(audit.methods)
+    titles = []
+    for m in methods:
+        rho = audit.methods[m].spearman
+        rho_text = f"{rho:.2f}" if rho is not None else "n/a"
+        titles.append(f"{PICK_STYLE.get(m, ('', '', m))[2]}: Spearman {rho_text}")
+    fig = make_subplots(rows=1, cols=max(1, len(methods)), subplot_titles=titles or None)
+    for col, m in enumerate(methods, 1):
+        rows = [r for r in audit.rows_of(m) if r.proxy.get(m) is not None]
+        for kept in (True, False):
+            pool = [r for r in rows if (r.reasons[m] == "") == kept]
+            if not pool:
+                continue
+            fig.add_trace(
+                go.Scatter(
+                    x=[r.proxy[m] for r in pool],
+                    y=[r.behaviour.score for r in pool],
+                    mode="markers",
+                    marker={
+                        "symbol": "circle" if kept else "circle-open",
+                        "size": 9,
+                        "color": "#1f77b4" if kept else "#d62728",
+                    },
+                    name="passes the filters" if kept else "removed by a filter",
+                    legendgroup=str(kept),
+                    showlegend=col == 1,
+                    text=[_audit_hover(r) for r in pool],
+                    hoverinfo="text",
+                ),
+                row=1,
+                col=col,
+            )
+        pick = audit.methods[m].pick
+        hit = [r for r in rows if r.cell == pick]
+        if hit:
+            symbol, colour, short = PICK_STYLE.get(m, ("star", "gold", m))
+            fig.add_trace(
+                go.Scatter(
+                    x=[hit[0].proxy[m]],
+                    y=[hit[0].behaviour.score],
+                    mode="markers",
+                    marker={"symbol": symbol, "color": colour, "size": 16, "line": {"width": 2}},
+                    name=f"{short} pick",
+                    hoverinfo="skip",
+                ),
+                row=1,
+                col=col,
+            )
+        better = "higher" if m == "cosmic" else "lower"
+        fig.update_xaxes(title_text=f"{_RANKING_NAMES.get(m, m)} ({better} is better)", row=1, col=col)
+    fig.update_yaxes(title_text="behaviour", range=[-0.05, 1.05])
+    fig.update_layout(
+        title="Audit: proxy against behaviour", height=420, legend={"orientation": "h", "y": -0.3}
+    )
+    return fig
+
+
+_RANKING_NAMES = {"cosmic": "S_abl + S_add", "refusal_tokens": "bypass", "substring": "bypass (mode)"}

@@ -10,6 +10,7 @@ from typing import Any
 
 from plotly.offline import get_plotlyjs
 
+from cosmic_tl.audit import BEHAVIOUR, Audit
 from cosmic_tl.bootstrap import Stability
 from cosmic_tl.config import Config
 from cosmic_tl.evaluation import Rate
@@ -114,6 +115,9 @@ def render(dir_: RunDir, cfg: Config) -> str:
                 (f"{method}: KL on harmless", _esc(m.kl)),
             ]
         parts.append("<h2>Evaluation (refusal rates, Wilson 95% intervals)</h2>" + _table(rows))
+    audit = _load(dir_.audit, Audit)
+    if audit is not None:
+        parts.append(_audit_section(audit))
     figures = (
         summary_figures(scores, cosmic, base, base_scores, picks.get("substring"))
         if scores is not None
@@ -133,6 +137,11 @@ def render(dir_: RunDir, cfg: Config) -> str:
     stability: Stability | None = _load(dir_.stability, Stability)
     if stability is not None:
         parts.append(_stability_section(stability, cfg, picks))
+    if audit is not None:
+        from cosmic_tl.plots import audit_heatmap, audit_scatter
+
+        figures["audit_heatmap"] = audit_heatmap(audit)
+        figures["audit_proxy"] = audit_scatter(audit)
     parts.append("<h2>Figures</h2>")
     for name, fig in figures.items():
         div = fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{name}")
@@ -185,6 +194,66 @@ def _stability_section(st: Stability, cfg: Config, run_picks: dict[str, Selectio
         "<h2>Stability over bootstrap resamples of the train and val prompts</h2>"
         + _table(rows)
         + f"<div class=fig id='stability'>{fig}</div>"
+    )
+
+
+def _cell(c: Any) -> str:
+    return "–" if c is None else f"position {c[0]}, layer {c[1]}"
+
+
+def _num(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3g}"
+
+
+def _audit_section(audit: Audit) -> str:
+    """The audit's per-method table and every audited candidate, best first."""
+    st = audit.settings
+    intro = (
+        f"<p>{len(audit.rows)} candidates evaluated by generation on {st.get('n_harmful')} harmful "
+        f"and {st.get('n_harmless')} harmless test prompts (top {st.get('k')} per method, the "
+        f"picks, {st.get('stratified')} stratified; seed {st.get('seed')}) in "
+        f"{audit.stats.get('seconds', 0.0):.0f} s. Behaviour = {_esc(BEHAVIOUR)}; no intervention: "
+        f"ASR {_rate(audit.clean.asr)}, refusal on harmless {_rate(audit.clean.induced)}.</p>"
+    )
+    head = (
+        "<tr><th>method</th><th>pick</th><th>pick's behaviour</th><th>best audited</th>"
+        "<th>best's behaviour</th><th>regret</th><th>best passing the filters</th>"
+        "<th>regret (passing)</th><th>filter that removed the best</th>"
+        "<th>Spearman (proxy, behaviour)</th></tr>"
+    )
+    body = ""
+    for m, s in audit.methods.items():
+        pick = (
+            _cell(s.pick) if s.pick is not None else f"<span class=warn>none: {_esc(s.message)}</span>"
+        )
+        removed = "–" if s.best_removed_by is None else (_esc(s.best_removed_by) or "none (kept)")
+        rho = "–" if s.spearman is None else f"{s.spearman:.2f} (n = {s.n_spearman})"
+        if 0 <= s.n_ranked < s.n_candidates:
+            rho += f"<br><span class=warn>ranked: {s.n_ranked} of {s.n_candidates} scored</span>"
+        body += (
+            f"<tr><td>{_esc(METHOD_LABELS.get(m, m))}</td><td>{pick}</td><td>{_num(s.pick_score)}</td>"
+            f"<td>{_cell(s.best)}</td><td>{_num(s.best_score)}</td><td>{_num(s.regret)}</td>"
+            f"<td>{_cell(s.best_kept)}</td><td>{_num(s.regret_kept)}</td><td>{removed}</td>"
+            f"<td>{rho}</td></tr>"
+        )
+    cand = (
+        "<tr><th>candidate</th><th>set</th><th>why audited</th><th>behaviour</th>"
+        "<th>ASR (ablated)</th><th>refusal (added)</th><th>KL</th><th>Δ cross-entropy</th>"
+        "<th>filters</th></tr>"
+    )
+    for r in sorted(audit.rows, key=lambda r: (-r.behaviour.score, r.source, r.cell)):
+        b = r.behaviour
+        fates = ", ".join(f"{m}: {why or 'kept'}" for m, why in r.reasons.items())
+        cand += (
+            f"<tr><td>{_cell(r.cell)}</td><td>{_esc(r.source)}</td><td>{_esc(' '.join(r.labels))}</td>"
+            f"<td>{_num(b.score)}</td><td>{_rate(b.asr)}</td><td>{_rate(b.induced)}</td>"
+            f"<td>{_esc(b.kl)}</td><td>{_esc(b.ce)}</td><td>{_esc(fates)}</td></tr>"
+        )
+    return (
+        "<h2>Audit (behaviour of many candidates)</h2>"
+        + intro
+        + f"<table>{head}{body}</table><details><summary>every audited candidate</summary>"
+        + f"<table>{cand}</table></details>"
     )
 
 

@@ -68,6 +68,7 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "evaluate": ("n_test", "max_new_tokens"),
     # Bootstrap resamples of the train and val sets; the scores' key carries the rest.
     "stability": (),
+    "audit": ("n_test", "max_new_tokens", "ablation_placement"),
 }
 LOCK = ".lock"
 
@@ -167,6 +168,16 @@ class RunDir:
         return self.root / "completions" / f"{name}.jsonl"
 
     @property
+    def audit(self) -> Path:
+        """The behavioural audit's record (:class:`~cosmic_tl.audit.Audit`)."""
+        return self.root / "audit"
+
+    @property
+    def audit_parts(self) -> Path:
+        """The audit's finished groups of candidates, kept until the audit is done."""
+        return self.root / "audit_parts"
+
+    @property
     def report(self) -> Path:
         return self.root / "report.html"
 
@@ -194,6 +205,8 @@ class RunDir:
             return [self.metrics]
         elif stage == "stability":
             records = [self.stability]
+        elif stage == "audit":
+            records = [self.audit]
         return [p for r in records for p in record_paths(r)]
 
     # ---------------------------------------------------------------- setup

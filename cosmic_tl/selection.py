@@ -35,6 +35,8 @@ from cosmic_tl.store import load_record, save_record
 Method = Literal["cosmic", "refusal_tokens", "substring"]
 METHODS: tuple[Method, ...] = ("cosmic", "refusal_tokens", "substring")
 KEPT = ""
+# A cell that passes every other filter but whose KL was never computed (lazy scoring).
+KL_NOT_SCORED = "kl_not_scored"
 # In the order they are checked; a candidate is counted under the first that applies.
 COSMIC_FILTERS = ("late_layer", "last_position", "zero_direction", "nan", "kl")
 BASELINE_FILTERS = ("late_layer", "zero_direction", "nan", "induce", "kl")
@@ -350,6 +352,32 @@ def _kl_grid(scores: Scores, method: str) -> str:
         return "KL"  # in LCE mode the baseline's linear ablation is the mode's
     _grid(scores, name, method)
     return name
+
+
+def filter_reasons(
+    scores: Scores, method: str, settings: SelectionSettings | None = None
+) -> list[list[str]]:
+    """Every cell's fate under ``method``'s filters, as far as the scores tell (``[pos][layer]``).
+
+    The first filter that removes a cell, as in the selection, with the KL filter applied
+    wherever KL was computed (also below the pick, where the selection's walk stopped);
+    :data:`KL_NOT_SCORED` where it passes the other filters but its KL was not computed;
+    else :data:`KEPT`.
+    """
+    settings = settings or SelectionSettings()
+    reasons = PREFILTERS[method](scores, settings)
+    name = _kl_grid(scores, method)
+    kl, done = scores.grids[name], scores.computed[name]
+    for i, j in _cells((len(scores.positions), scores.n_layers)):
+        if reasons[i][j] != KEPT:
+            continue
+        if not bool(done[i, j]):
+            reasons[i][j] = KL_NOT_SCORED
+        elif math.isnan(float(kl[i, j])):
+            reasons[i][j] = "nan"
+        elif float(kl[i, j]) > settings.kl_threshold:
+            reasons[i][j] = "kl"
+    return reasons
 
 
 def _apply_kl(
