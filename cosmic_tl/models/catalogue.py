@@ -69,7 +69,10 @@ def organism_alias(recipe: Recipe, *, build_seconds: float | None = None) -> Ali
 
 def _build_organism(recipe: Recipe, out: Path) -> dict[str, Any]:
     base_dir, base_card = _base_of(recipe.base)
-    return build(recipe, out, base_dir, base_card)
+    if recipe.teacher is None:
+        return build(recipe, out, base_dir, base_card)
+    teacher_dir, teacher_card = _base_of(recipe.teacher)
+    return build(recipe, out, base_dir, base_card, teacher_dir=teacher_dir, teacher_card=teacher_card)
 
 
 def _base_of(base: str) -> tuple[Path, dict[str, Any] | None]:
