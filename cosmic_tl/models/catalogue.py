@@ -2,9 +2,9 @@
 
 A model *spec* is one of
 
-- an alias of :data:`CATALOGUE` (``smollm2-135m-instruct``, the organisms
-  ``smollm2-135m-refuse`` and ``smollm2-135m-refuse-odd``), built once into the
-  cache (:mod:`cosmic_tl.models.cache`);
+- an alias of :data:`CATALOGUE` (``smollm2-135m-instruct``, ``gemma3-270m``, the
+  organisms ``smollm2-135m-refuse``, ``smollm2-135m-refuse-odd`` and
+  ``gemma3-270m-refuse``), built once into the cache (:mod:`cosmic_tl.models.cache`);
 - a local Hugging Face directory (config, safetensors and tokenizer files);
 - a Hugging Face hub name (needs network access the first time).
 
