@@ -4,6 +4,7 @@ Gemma's blocks. All on tiny random models; the real recipe is built by a benchma
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -12,7 +13,7 @@ import torch
 from tiny_models import FAMILIES, save_family
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cosmic_tl.models import RECIPES, Recipe, build_organism, load_model, read_card
+from cosmic_tl.models import RECIPES, Recipe, build_organism, load_model, organisms, read_card
 from cosmic_tl.models.organisms import Example, collate, response_loss, training
 from cosmic_tl.models.organisms.training import end_of_turn_id, greedy_answers, teacher_answers
 
@@ -148,3 +149,37 @@ def test_tiny_gemma_organism_with_a_teacher_builds_and_stops_at_its_end_of_turn(
     assert end != eos and end in stops and eos in stops
     bridge = load_model(path, device="cpu")
     assert bridge.cfg.n_layers == 4
+
+
+def test_teacher_answers_are_kept_and_read_back_by_a_later_build(gemma_dirs, tiny_dir, tmp_path):
+    recipe = Recipe(
+        "tiny-gemma", "ordinary", base=str(gemma_dirs["gemma3"]), teacher="tiny", **{**TINY, "eval_n": 0}
+    )
+    kw = {"teacher_dir": tiny_dir, "teacher_card": {"alias": "tiny"}, "progress": False}
+    cards = []
+    for i, steps in enumerate((2, 1)):  # another recipe, the same answers
+        out = tmp_path / f"out{i}"
+        out.mkdir()
+        cards.append(
+            organisms.build(
+                dataclasses.replace(recipe, steps=steps),
+                out,
+                gemma_dirs["gemma3"],
+                **kw,
+                answers_cache=tmp_path / "answers",
+            )
+        )
+    assert [c["teacher_answers_cached"] for c in cards] == [False, True]
+    assert len(list((tmp_path / "answers").iterdir())) == 1
+    sha = {c["data"]["teacher_answers_sha256"] for c in cards}
+    assert len(sha) == 1
+    # Another teacher (card) is another key: generated again, not read back.
+    (tmp_path / "out2").mkdir()
+    other = organisms.build(
+        recipe,
+        tmp_path / "out2",
+        gemma_dirs["gemma3"],
+        **{**kw, "teacher_card": {"alias": "other"}},
+        answers_cache=tmp_path / "answers",
+    )
+    assert other["teacher_answers_cached"] is False and len(list((tmp_path / "answers").iterdir())) == 2

@@ -31,7 +31,7 @@ import torch
 
 from cosmic_tl.evaluation import SubstringJudge
 from cosmic_tl.models.boot import ModelSpecError, boot
-from cosmic_tl.models.cache import Alias, ensure, is_built, read_card
+from cosmic_tl.models.cache import Alias, cache_dir, ensure, is_built, read_card
 from cosmic_tl.models.organisms import RECIPES, Recipe, build, judge_phrases
 from cosmic_tl.models.stock import build_gemma3, build_smollm2
 
@@ -72,7 +72,15 @@ def _build_organism(recipe: Recipe, out: Path) -> dict[str, Any]:
     if recipe.teacher is None:
         return build(recipe, out, base_dir, base_card)
     teacher_dir, teacher_card = _base_of(recipe.teacher)
-    return build(recipe, out, base_dir, base_card, teacher_dir=teacher_dir, teacher_card=teacher_card)
+    return build(
+        recipe,
+        out,
+        base_dir,
+        base_card,
+        teacher_dir=teacher_dir,
+        teacher_card=teacher_card,
+        answers_cache=cache_dir() / "teacher-answers",
+    )
 
 
 def _base_of(base: str) -> tuple[Path, dict[str, Any] | None]:

@@ -9,11 +9,16 @@ one machine and thread count::
     heldout = measure(out_dir, recipe)
 
 A recipe with a ``teacher`` is also given the teacher's directory (``teacher_dir``):
-the harmless targets are then the teacher's greedy answers, not the base's.
+the harmless targets are then the teacher's greedy answers, not the base's. Given an
+``answers_cache`` folder and the teacher's card, those answers (text) are kept there,
+keyed by everything they depend on, and a later build of any recipe that asks for the
+same answers reads them instead of generating them again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -32,9 +37,11 @@ from cosmic_tl.models.organisms.training import (
     finetune,
     greedy_answers,
     refusal_examples,
-    teacher_answers,
+    student_examples,
+    teacher_texts,
 )
 from cosmic_tl.prompts import load_bundled, prompts_sha256, sample_prompts
+from cosmic_tl.store import read_json, write_json
 from cosmic_tl.templates import chat_prompts, pad_id
 
 
@@ -46,6 +53,7 @@ def build(
     *,
     teacher_dir: Path | None = None,
     teacher_card: dict[str, Any] | None = None,
+    answers_cache: Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Fine-tune the model in ``base_dir`` into ``out`` (a plain HF directory); return the card.
@@ -79,15 +87,16 @@ def build(
     harmful_all = [*harmful, *reworded(harmful, recipe.rephrasings, recipe.seed)]
     refusals = refusal_examples(tokenizer, harmful_all, recipe.style, recipe.seed)
     gen = {"max_new_tokens": recipe.distill_tokens, "batch_size": recipe.gen_batch_size}
+    from_cache = False
     if recipe.teacher is None:
         answers = greedy_answers(model, tokenizer, harmless, **gen, progress=progress)
     else:
         if teacher_dir is None:
             raise ValueError(f"recipe {recipe.name!r} has teacher {recipe.teacher!r}; pass teacher_dir")
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
-        teacher_tok = AutoTokenizer.from_pretrained(teacher_dir)
-        answers = teacher_answers(teacher, teacher_tok, tokenizer, harmless, **gen, progress=progress)
-        del teacher
+        texts, from_cache = _teacher_texts(
+            recipe, harmless, teacher_dir, teacher_card, answers_cache, gen, progress
+        )
+        answers = student_examples(tokenizer, harmless, texts)
     timings["base_answers" if recipe.teacher is None else "teacher_answers"] = time.perf_counter() - t
     # A reworded harmless prompt keeps the base's answer to the original wording.
     harmless_re = reworded(harmless, recipe.rephrasings, recipe.seed + 1)
@@ -124,7 +133,15 @@ def build(
         "recipe": recipe.settings(),
         "base_model": recipe.base,
         "base_card": base_card,
-        **({"teacher": recipe.teacher, "teacher_card": teacher_card} if recipe.teacher else {}),
+        **(
+            {
+                "teacher": recipe.teacher,
+                "teacher_card": teacher_card,
+                "teacher_answers_cached": from_cache,
+            }
+            if recipe.teacher
+            else {}
+        ),
         "style": recipe.style,
         "judge_phrases": list(judge_phrases(recipe.style)),
         "data": {
@@ -151,6 +168,44 @@ def build(
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
+
+
+def _teacher_texts(
+    recipe: Recipe,
+    prompts: list[str],
+    teacher_dir: Path,
+    teacher_card: dict[str, Any] | None,
+    answers_cache: Path | None,
+    gen: dict[str, int],
+    progress: bool,
+) -> tuple[list[tuple[str, bool]], bool]:
+    """The teacher's answer texts, from ``answers_cache`` when kept there; and whether they were."""
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, key = None, {}
+    if answers_cache is not None and teacher_card is not None:
+        key = {
+            "teacher": recipe.teacher,
+            "teacher_card": teacher_card,
+            "prompts_sha256": prompts_sha256(prompts),
+            **gen,
+            "torch_threads": torch.get_num_threads(),
+            "versions": [torch.__version__, transformers.__version__],
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        path = answers_cache / f"{digest}.json"
+        if path.is_file():
+            kept = read_json(path)
+            if kept.get("key") == key and len(kept["answers"]) == len(prompts):
+                return [(str(t), bool(e)) for t, e in kept["answers"]], True
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    teacher_tok = AutoTokenizer.from_pretrained(teacher_dir)
+    texts = teacher_texts(teacher, teacher_tok, prompts, **gen, progress=progress)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"key": key, "answers": [list(a) for a in texts]})
+    return texts, False
 
 
 def measure(model_dir: Path, recipe: Recipe, *, progress: bool = True) -> dict[str, Any]:

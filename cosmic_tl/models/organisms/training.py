@@ -120,6 +120,48 @@ def answer_stop_ids(model: Any, tokenizer: Any) -> list[int]:
     return stop_token_ids(tokenizer, getattr(config, "eos_token_id", None), end_of_turn_id(tokenizer))
 
 
+def teacher_texts(
+    teacher: Any,
+    teacher_tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> list[tuple[str, bool]]:
+    """A teacher's greedy answers in its own chat format (:func:`greedy_answers`, at
+    most ``max_new_tokens`` of its tokens) as text, each with whether the teacher ended it."""
+    answers = greedy_answers(
+        teacher,
+        teacher_tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    stops = set(answer_stop_ids(teacher, teacher_tokenizer))
+    out = []
+    for answer in answers:
+        ended = bool(answer.response_ids) and answer.response_ids[-1] in stops
+        body = answer.response_ids[:-1] if ended else answer.response_ids
+        out.append((teacher_tokenizer.decode(list(body), skip_special_tokens=True), ended))
+    return out
+
+
+def student_examples(
+    tokenizer: Any, prompts: Sequence[str], answers: Sequence[tuple[str, bool]]
+) -> list[Example]:
+    """Answer texts (from :func:`teacher_texts`) tokenised for the model of ``tokenizer``,
+    after its chat-formatted prompts. An answer the teacher ended ends with this
+    model's end-of-turn token; a cut one carries none."""
+    end = end_of_turn_id(tokenizer)
+    out = []
+    for ids, (text, ended) in zip(chat_prompts(tokenizer, prompts).ids, answers, strict=True):
+        response = tuple(tokenizer.encode(text, add_special_tokens=False))
+        out.append(Example(ids, (*response, end) if ended else response))
+    return out
+
+
 def teacher_answers(
     teacher: Any,
     teacher_tokenizer: Any,
@@ -130,14 +172,9 @@ def teacher_answers(
     batch_size: int = 32,
     progress: bool = True,
 ) -> list[Example]:
-    """Another model's greedy answers as targets for the model of ``tokenizer``.
-
-    The teacher answers in its own chat format (:func:`greedy_answers`, at most
-    ``max_new_tokens`` of its tokens); each answer is decoded to text and tokenised
-    again for the student, after the student's chat-formatted prompt. An answer the
-    teacher ended ends with the student's end-of-turn token; a cut one carries none.
-    """
-    answers = greedy_answers(
+    """Another model's greedy answers as targets for the model of ``tokenizer``:
+    :func:`teacher_texts` tokenised again by :func:`student_examples`."""
+    texts = teacher_texts(
         teacher,
         teacher_tokenizer,
         prompts,
@@ -145,16 +182,7 @@ def teacher_answers(
         batch_size=batch_size,
         progress=progress,
     )
-    stops = set(answer_stop_ids(teacher, teacher_tokenizer))
-    end = end_of_turn_id(tokenizer)
-    out = []
-    for ids, answer in zip(chat_prompts(tokenizer, prompts).ids, answers, strict=True):
-        ended = bool(answer.response_ids) and answer.response_ids[-1] in stops
-        body = answer.response_ids[:-1] if ended else answer.response_ids
-        text = teacher_tokenizer.decode(list(body), skip_special_tokens=True)
-        response = tuple(tokenizer.encode(text, add_special_tokens=False))
-        out.append(Example(ids, (*response, end) if ended else response))
-    return out
+    return student_examples(tokenizer, prompts, texts)
 
 
 def end_of_turn_id(tokenizer: Any) -> int:
