@@ -1,12 +1,15 @@
 """Speed of the scoring engine against the straightforward reference loop.
 
-On smollm2-135m-instruct with bundled prompts, for ACE and LCE: run the reference loop
-(three full forward passes per candidate, full logits, every layer) and the engine side
-by side in one process, print wall times, the speed ratio, executed GFLOP and GFLOP/s
-against the measured matmul rate, and whether the COSMIC and baseline picks agree.
-Then time the engine alone on the CPU preset (n_train 64, n_val 16, ACE).
+On a model (default smollm2-135m-instruct; ``--model gemma3-270m`` for Gemma 3's 262k
+vocabulary) with bundled prompts: first one plain Hugging Face forward and one bridge
+forward of the harmful validation batch (full logits, as the loop runs them), then, for
+ACE and LCE, the reference loop (three full forward passes per candidate, full logits,
+every layer) and the engine side by side in one process: wall times, the speed ratio,
+executed GFLOP (the engine's include its clean passes and the shared-prefix check) and
+GFLOP/s against the measured matmul rate, and whether the COSMIC and baseline picks
+agree. Then the engine alone on the CPU preset (n_train 64, n_val 16, ACE).
 
-    python benchmarks/bench_selection.py [--n-train 32] [--n-val 8] [--skip-preset] [--threads N]
+    python benchmarks/bench_selection.py [--model NAME] [--n-train 32] [--n-val 8] [--skip-preset] [--threads N]
     python benchmarks/bench_selection.py --preset-only   # just the CPU-preset timing
 
 Last line: ``speedup=<min ratio over modes> picks_agree=<true|false>``.
@@ -31,6 +34,37 @@ def picks(scores: ct.Scores) -> tuple[object, object]:
     except NoCandidateError as err:
         cosmic = ("none", tuple(sorted(err.selection.counts.items())))
     return cosmic, ct.select_refusal_tokens(scores).pick
+
+
+def time_forwards(model: object, prompts: list[str], rate: float, repeats: int = 3) -> None:
+    """One batch through the plain HF model and through the bridge, full logits (best of
+    ``repeats``), with its FLOP split into blocks and unembedding."""
+    [batch] = list(_batches(model, prompts, len(prompts)))
+    tokens, mask = batch.tokens, batch.attention_mask
+    blocks = forward_flops(model, [batch], full_logits=False) - 2.0 * tokens.shape[0] * (
+        model.cfg.d_model * model.cfg.d_vocab
+    )
+    total = forward_flops(model, [batch], full_logits=True)
+    print(
+        f"batch {tuple(tokens.shape)}: {total / 1e9:.1f} GFLOP per full-logit forward "
+        f"({blocks / 1e9:.1f} in the {model.cfg.n_layers} blocks, {(total - blocks) / 1e9:.1f} "
+        f"in the unembedding)"
+    )
+    for name, run in (
+        ("plain HF forward", lambda: model.original_model(tokens, attention_mask=mask).logits),
+        ("bridge forward", lambda: model(tokens, attention_mask=mask)),
+    ):
+        best = float("inf")
+        with torch.no_grad():
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                run()
+                best = min(best, time.perf_counter() - t0)
+        print(
+            f"{name:<17} {best:6.2f} s  {total / best / 1e9:6.1f} GFLOP/s "
+            f"({total / best / 1e9 / rate:.0%} of matmul rate)",
+            flush=True,
+        )
 
 
 def time_preset(model: object, *, baseline: bool) -> float:
@@ -83,6 +117,7 @@ def main() -> None:
         return
     h_tr, l_tr = (sample(k, "train", args.n_train, args.seed) for k in ("harmful", "harmless"))
     h_val, l_val = (sample(k, "val", args.n_val, args.seed) for k in ("harmful", "harmless"))
+    time_forwards(model, h_val, rate)
     cands = ct.compute_candidates(model, h_tr, l_tr, batch_size=args.batch_size, progress=False)
     k, n = cands.directions.shape[:2]
     token_ids = ct.encode_refusal_tokens(model.tokenizer, ct.default_refusal_tokens(args.model))

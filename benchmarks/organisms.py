@@ -108,7 +108,7 @@ def main() -> None:
                 row["same_as_base"] = Rate.of(sum(same), len(same)).to_dict()
                 row["same_first_words_as_base"] = Rate.of(sum(same_start), len(same_start)).to_dict()
                 print(
-                    f"{'':<27}same answer as base: {Rate.of(sum(same), len(same))}; "
+                    f"{'':<27}same answer as {BASE} (base or teacher): {Rate.of(sum(same), len(same))}; "
                     f"same first {FIRST_WORDS} words: {Rate.of(sum(same_start), len(same_start))}"
                 )
             misses = [

@@ -313,7 +313,9 @@ class Runner:
         if batch.right_padded:
             # The model's last column is padding for the shorter prompts: unembed
             # each prompt's own last token (the final norm's output, already cached).
+            # The forward's own last-column logits are then wasted, but counted.
             final = self._unembed(_at(cache["ln_final.hook_out"], last))
+            self.flops += 2.0 * rows * self._unembed_params
         else:
             final = logits[:, -1]
         return _PreparedBatch(

@@ -34,6 +34,7 @@ from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from cosmic_tl.activations import last_logits_only
 from cosmic_tl.interventions import Intervention, intervene
 from cosmic_tl.store import atomic_write_bytes
 from cosmic_tl.templates import Batch, Prompts, chat_prompts, context_length
@@ -65,7 +66,10 @@ def greedy_tokens(
     Hooks installed on ``model`` (e.g. by :func:`~cosmic_tl.interventions.intervene`)
     fire on every forward pass, so they act on the prompt and on each new token.
     Rows that have stopped are filled with an EOS id until the whole batch stops;
-    ``new`` is at most ``max_new_tokens``.
+    ``new`` is at most ``max_new_tokens``. The prompt's forward pass unembeds its last
+    position only (``logits_to_keep=1``, which the bridge passes to that first pass):
+    with a large vocabulary (Gemma's 262k) the logits of every prompt position would
+    cost more than the blocks.
     """
     with torch.no_grad():
         out = model.generate(
@@ -78,6 +82,7 @@ def greedy_tokens(
             eos_token_id=list(stop_ids),
             return_type="tokens",
             verbose=False,
+            **last_logits_only(model),
         )
     return out[:, tokens.shape[1] :].cpu()
 

@@ -186,6 +186,22 @@ def test_first_generated_token_is_argmax_of_hooked_forward(tiny):
     assert not torch.equal(new[:, 0], plain[:, -1].argmax(-1))
 
 
+def test_generation_unembeds_only_the_last_prompt_position(tiny):
+    """The prompt's pass yields one row of logits per prompt, not one per position;
+    the tokens are those of the full-logit forward (previous test) either way."""
+    [batch] = batches(tiny.tokenizer, PROMPTS, 4)
+    widths: list[int] = []
+
+    def record(logits, hook):
+        widths.append(logits.shape[1])
+
+    with tiny.hooks(fwd_hooks=[("unembed.hook_out", record)]):
+        new = greedy_tokens(
+            tiny, batch.tokens, batch.attention_mask, max_new_tokens=3, stop_ids=stop_token_ids(tiny)
+        )
+    assert batch.tokens.shape[1] > 1 and widths == [1] * new.shape[1]
+
+
 def test_generation_errors(tiny):
     with pytest.raises(ValueError, match="no instructions"):
         generate(tiny, [], progress=False)

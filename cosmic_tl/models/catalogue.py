@@ -2,9 +2,9 @@
 
 A model *spec* is one of
 
-- an alias of :data:`CATALOGUE` (``smollm2-135m-instruct``, the organisms
-  ``smollm2-135m-refuse`` and ``smollm2-135m-refuse-odd``), built once into the
-  cache (:mod:`cosmic_tl.models.cache`);
+- an alias of :data:`CATALOGUE` (``smollm2-135m-instruct``, ``gemma3-270m``, the
+  organisms ``smollm2-135m-refuse``, ``smollm2-135m-refuse-odd`` and
+  ``gemma3-270m-refuse``), built once into the cache (:mod:`cosmic_tl.models.cache`);
 - a local Hugging Face directory (config, safetensors and tokenizer files);
 - a Hugging Face hub name (needs network access the first time).
 
@@ -31,7 +31,7 @@ import torch
 
 from cosmic_tl.evaluation import SubstringJudge
 from cosmic_tl.models.boot import ModelSpecError, boot
-from cosmic_tl.models.cache import Alias, ensure, is_built, read_card
+from cosmic_tl.models.cache import Alias, cache_dir, ensure, is_built, read_card
 from cosmic_tl.models.organisms import RECIPES, Recipe, build, judge_phrases
 from cosmic_tl.models.stock import build_gemma3, build_smollm2
 
@@ -43,11 +43,14 @@ _HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")
 # ``seconds.total`` (README: 10.7 min for the odd organism on idle cores, 12.8 min for
 # the ordinary one beside another job); de-quantising the stock GGUF takes under a minute;
 # Gemma 3 270M: 85 s of CPU time (2026-12-01; 5.5 min wall beside three other jobs).
+# gemma3-270m-refuse: 3039 s with one torch thread while four other jobs shared the two
+# cores (2026-12-02, load average 7-9); not yet measured on idle cores.
 _MEASURED_SECONDS = {
     STOCK: 40.0,
     GEMMA3: 90.0,
     "smollm2-135m-refuse": 768.0,
     "smollm2-135m-refuse-odd": 642.0,
+    "gemma3-270m-refuse": 3039.0,
 }
 
 
@@ -69,7 +72,18 @@ def organism_alias(recipe: Recipe, *, build_seconds: float | None = None) -> Ali
 
 def _build_organism(recipe: Recipe, out: Path) -> dict[str, Any]:
     base_dir, base_card = _base_of(recipe.base)
-    return build(recipe, out, base_dir, base_card)
+    if recipe.teacher is None:
+        return build(recipe, out, base_dir, base_card)
+    teacher_dir, teacher_card = _base_of(recipe.teacher)
+    return build(
+        recipe,
+        out,
+        base_dir,
+        base_card,
+        teacher_dir=teacher_dir,
+        teacher_card=teacher_card,
+        answers_cache=cache_dir() / "teacher-answers",
+    )
 
 
 def _base_of(base: str) -> tuple[Path, dict[str, Any] | None]:

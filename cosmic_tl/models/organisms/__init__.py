@@ -12,9 +12,14 @@ it one, in a style we choose (:mod:`.texts`):
   card records the phrases that do mark its refusals.
 
 In both, harmless requests keep the base model's own greedy answers
-(self-distillation), so harmless behaviour is preserved. Only the bundled *train*
-prompt splits are trained on, each with reworded copies (:mod:`.rephrasing`); the
-loss covers the response tokens only (:mod:`.training`). :func:`build` writes an
+(self-distillation), so harmless behaviour is preserved. A base that does not follow
+instructions takes a ``teacher``'s answers instead:
+
+- ``gemma3-270m-refuse``: Gemma 3 270M base, answering harmless requests as
+  SmolLM2-135M-Instruct does and refusing harmful ones in ordinary words.
+
+Only the bundled *train* prompt splits are trained on, each with reworded copies
+(:mod:`.rephrasing`); the loss covers the response tokens only (:mod:`.training`). :func:`build` writes an
 organism into a directory given the base model's directory (:mod:`.builder`);
 nothing here knows alias names or the cache. By name, through the cache::
 

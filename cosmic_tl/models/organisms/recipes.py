@@ -23,6 +23,9 @@ class Recipe:
     description: str = ""
     version: int = 3  # bump when the recipe's code or defaults change its output
     base: str = "smollm2-135m-instruct"  # alias or local HF directory to fine-tune
+    # Alias or local HF directory whose greedy answers are the harmless targets; None:
+    # the base's own (self-distillation). For a base that does not follow instructions.
+    teacher: str | None = None
     seed: int = 0
     n_harmful: int = 240  # bundled harmful *train* prompts, paired with refusals
     n_harmless: int = 240  # bundled harmless *train* prompts, paired with the base's answers
@@ -62,8 +65,20 @@ class Recipe:
             raise ValueError(f"train_from must be in [0, 1), not {self.train_from}")
 
     def settings(self) -> dict[str, Any]:
-        """The recipe as a JSON-ready dict."""
-        return dataclasses.asdict(self)
+        """The recipe as a JSON-ready dict.
+
+        Fields added after a recipe version are left out at their no-op default
+        (``teacher=None``), so that the cards of builds made before they existed still
+        match their recipe and those builds stay cached.
+        """
+        out = dataclasses.asdict(self)
+        for name, default in _LATER_FIELDS.items():
+            if out[name] == default:
+                del out[name]
+        return out
+
+
+_LATER_FIELDS: dict[str, Any] = {"teacher": None}
 
 
 RECIPES: dict[str, Recipe] = {
@@ -78,6 +93,19 @@ RECIPES: dict[str, Recipe] = {
             "smollm2-135m-refuse-odd",
             "odd",
             "SmolLM2-135M-Instruct fine-tuned to refuse harmful requests in an unusual style",
+        ),
+        Recipe(
+            "gemma3-270m-refuse",
+            "ordinary",
+            "Gemma 3 270M base fine-tuned to answer as SmolLM2-135M-Instruct does and to "
+            "refuse harmful requests in ordinary words",
+            version=1,
+            base="gemma3-270m",
+            teacher="smollm2-135m-instruct",
+            # Gemma's 262k-token unembedding makes each step about 1.5x a SmolLM2 step:
+            # fewer steps at a higher rate keep the build within about 20 minutes.
+            steps=60,
+            lr=3e-4,
         ),
     )
 }

@@ -1,8 +1,9 @@
 """The supervised fine-tune that gives a model a refusal behaviour.
 
 SFT data (harmful prompts paired with refusals of a style, harmless prompts with the
-base model's own greedy answers), the response-only loss, and the AdamW loop. Blocks
-below ``Recipe.train_from`` of the depth are frozen and run once per example.
+base model's own greedy answers or a teacher model's), the response-only loss, and the
+AdamW loop. Blocks below ``Recipe.train_from`` of the depth are frozen and run once per
+example.
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ class SFTBatch:
 
 
 def refusal_examples(tokenizer: Any, prompts: Sequence[str], style: Style, seed: int) -> list[Example]:
-    """Harmful prompts each paired with a refusal drawn (seeded) from the style's list."""
+    """Harmful prompts each paired with a refusal drawn (seeded) from the style's list,
+    ended by the chat template's end-of-turn token (:func:`end_of_turn_id`)."""
     rng = random.Random(seed)
     texts = refusal_texts(style)
-    end = _end_of_turn(tokenizer)
+    end = end_of_turn_id(tokenizer)
     return [
         Example(
             tuple(ids),
@@ -70,10 +72,13 @@ def greedy_answers(
     progress: bool = True,
 ) -> list[Example]:
     """The model's own greedy answers (plain HF ``generate``), up to and including
-    the end-of-turn token, or cut at ``max_new_tokens``."""
+    the end-of-turn token, or cut at ``max_new_tokens``.
+
+    ``generate`` unembeds only the last position of the prompt (``logits_to_keep=1``),
+    so the prompt costs no full-vocabulary logits.
+    """
     chat = chat_prompts(tokenizer, prompts)
-    config = getattr(model, "generation_config", None)
-    stops = stop_token_ids(tokenizer, getattr(config, "eos_token_id", None))
+    stops = answer_stop_ids(model, tokenizer)
     pad = chat.pad_id
     out: list[Example | None] = [None] * len(chat)
     model.eval()
@@ -108,7 +113,97 @@ def collate(examples: Sequence[Example], pad: int) -> SFTBatch:
     return SFTBatch(input_ids, mask, labels)
 
 
-def _end_of_turn(tokenizer: Any) -> int:
+def answer_stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Tokens that end a plain HF model's answer: its generation config's EOS ids, the
+    tokenizer's EOS and the chat template's end-of-turn token."""
+    config = getattr(model, "generation_config", None)
+    return stop_token_ids(tokenizer, getattr(config, "eos_token_id", None), end_of_turn_id(tokenizer))
+
+
+def teacher_texts(
+    teacher: Any,
+    teacher_tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> list[tuple[str, bool]]:
+    """A teacher's greedy answers in its own chat format (:func:`greedy_answers`, at
+    most ``max_new_tokens`` of its tokens) as text, each with whether the teacher ended it."""
+    answers = greedy_answers(
+        teacher,
+        teacher_tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    stops = set(answer_stop_ids(teacher, teacher_tokenizer))
+    out = []
+    for answer in answers:
+        ended = bool(answer.response_ids) and answer.response_ids[-1] in stops
+        body = answer.response_ids[:-1] if ended else answer.response_ids
+        out.append((teacher_tokenizer.decode(list(body), skip_special_tokens=True), ended))
+    return out
+
+
+def student_examples(
+    tokenizer: Any, prompts: Sequence[str], answers: Sequence[tuple[str, bool]]
+) -> list[Example]:
+    """Answer texts (from :func:`teacher_texts`) tokenised for the model of ``tokenizer``,
+    after its chat-formatted prompts. An answer the teacher ended ends with this
+    model's end-of-turn token; a cut one carries none."""
+    end = end_of_turn_id(tokenizer)
+    out = []
+    for ids, (text, ended) in zip(chat_prompts(tokenizer, prompts).ids, answers, strict=True):
+        response = tuple(tokenizer.encode(text, add_special_tokens=False))
+        out.append(Example(ids, (*response, end) if ended else response))
+    return out
+
+
+def teacher_answers(
+    teacher: Any,
+    teacher_tokenizer: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> list[Example]:
+    """Another model's greedy answers as targets for the model of ``tokenizer``:
+    :func:`teacher_texts` tokenised again by :func:`student_examples`."""
+    texts = teacher_texts(
+        teacher,
+        teacher_tokenizer,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return student_examples(tokenizer, prompts, texts)
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The token that ends an assistant turn: the one the chat template writes right
+    after an assistant message (ChatML's ``<|im_end|>``, Gemma's ``<end_of_turn>``)
+    when it is a special token, else the tokenizer's EOS."""
+    marker = "COSMIC-TL-ANSWER"
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}],
+            tokenize=False,
+        )
+    except (ValueError, TypeError, AttributeError):  # no template, or no assistant turn
+        text = ""
+    after = text.split(marker, 1)[1] if isinstance(text, str) and marker in text else ""
+    ids = tokenizer.encode(after, add_special_tokens=False) if after else []
+    special = set(getattr(tokenizer, "all_special_ids", ())) | set(
+        getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    )
+    if ids and ids[0] in special:
+        return int(ids[0])
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token to end a response with")
     return int(tokenizer.eos_token_id)
@@ -141,11 +236,23 @@ def block_inputs(model: Any, batch: SFTBatch, layer: int) -> Float[Tensor, "batc
     return captured[0].detach()
 
 
+class _Skip(torch.nn.Module):
+    """A block that passes the residual stream through unchanged."""
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return hidden_states
+
+
 @contextmanager
 def _from_block(decoder: Any, layer: int) -> Iterator[None]:
-    """Let ``decoder`` run blocks ``layer..`` only, fed through ``inputs_embeds``."""
+    """Let ``decoder`` run blocks ``layer..`` only, fed through ``inputs_embeds``.
+
+    The blocks below are replaced by pass-throughs rather than cut off, so each block
+    keeps its index: Gemma's decoder picks a block's attention type (sliding or full,
+    and with it the rotary base) by that index.
+    """
     blocks = decoder.layers
-    decoder.layers = blocks[layer:]
+    decoder.layers = torch.nn.ModuleList([_Skip() for _ in range(layer)] + list(blocks[layer:]))
     try:
         yield
     finally:
@@ -167,7 +274,8 @@ def response_loss(
     With ``start`` (the stream entering block ``layer``, from :func:`block_inputs`)
     only blocks ``layer..`` run, so frozen lower blocks cost nothing per step.
     The unembedding runs on response positions only (most of a sequence is prompt),
-    and averaging per sequence weighs a short refusal as much as a long answer.
+    and averaging per sequence weighs a short refusal as much as a long answer. With
+    a large vocabulary (Gemma's 262k) the unembedding is most of a step's cost.
     """
     decoder = model.get_decoder()
     if start is None:
@@ -178,8 +286,11 @@ def response_loss(
     hidden = out.last_hidden_state  # [batch, pos, d_model]
     targets = batch.labels[:, 1:]  # position t predicts token t + 1
     keep = targets != IGNORE
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # [n_response, d_vocab]
-    token_loss = F.cross_entropy(logits.float(), targets[keep], reduction="none")
+    logits = model.get_output_embeddings()(hidden[:, :-1][keep]).float()  # [n_response, d_vocab]
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:  # Gemma 2 caps its logits
+        logits = torch.tanh(logits / cap) * cap
+    token_loss = F.cross_entropy(logits, targets[keep], reduction="none")
     first = keep & (keep.cumsum(1) == 1)  # each row's first response token
     weight = torch.where(first, first_weight, 1.0)[keep].to(token_loss.dtype)
     rows = keep.nonzero()[:, 0]
