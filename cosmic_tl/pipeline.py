@@ -298,6 +298,22 @@ class Pipeline:
 
         self._stage("candidates_baseline", ["filter"], None, work)
 
+    def _scoring_settings(self) -> dict[str, Any]:
+        """The run's scoring settings, as the planner and the bootstrap take them."""
+        cfg = self.cfg
+        return {
+            "mode": cfg.mode,
+            "alpha": cfg.alpha,
+            "settings": cfg.selection,
+            "full": cfg.full_grids,
+            "batch_size": cfg.batch_size,
+            "reuse_prefix": cfg.reuse_prefix,
+            "share_prefix": cfg.share_prefix,
+            "inplace_addition": cfg.inplace_addition,
+            "placement": cfg.ablation_placement,
+            "progress": self.progress,
+        }
+
     def _score(
         self,
         cands: Candidates,
@@ -306,24 +322,14 @@ class Pipeline:
         baselines: tuple[str, ...],
         refusal_tokens: tuple[str, ...] | None,
     ) -> Scores:
-        cfg = self.cfg
         return score_candidates(
             self.model,
             cands,
             harmful,
             harmless,
-            mode=cfg.mode,
-            alpha=cfg.alpha,
-            settings=cfg.selection,
             baseline=baselines,
             refusal_tokens=refusal_tokens,
-            full=cfg.full_grids,
-            batch_size=cfg.batch_size,
-            reuse_prefix=cfg.reuse_prefix,
-            share_prefix=cfg.share_prefix,
-            inplace_addition=cfg.inplace_addition,
-            placement=cfg.ablation_placement,
-            progress=self.progress,
+            **self._scoring_settings(),
         )
 
     def scores(self) -> None:
@@ -489,19 +495,10 @@ class Pipeline:
             self.model,
             *(self.chat(name) for name in BOOTSTRAP_SETS),
             seed=seed,
-            mode=cfg.mode,
-            alpha=cfg.alpha,
-            settings=cfg.selection,
             baselines=run_methods(cfg)[1:],
             refusal_tokens=cfg.refusal_tokens,
             prompt_filter=self._prompt_filter() if filtering(cfg) else None,
-            full=cfg.full_grids,
-            batch_size=cfg.batch_size,
-            reuse_prefix=cfg.reuse_prefix,
-            share_prefix=cfg.share_prefix,
-            inplace_addition=cfg.inplace_addition,
-            placement=cfg.ablation_placement,
-            progress=self.progress,
+            **self._scoring_settings(),
         )
 
     def _prompt_filter(self) -> PromptFilter:
