@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import HARMFUL, HARMLESS
+from tiny_models import save_gguf_gemma3
 
 from cosmic_tl import cli
 from cosmic_tl.config import Config
@@ -161,32 +162,8 @@ def _small_tokenizer(out: Path):
 
 def test_gemma3_round_trip(tmp_path):
     """Gemma 3's norms (1 + w), sliding-window layers and head_dim 256 read back."""
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
     tok = _small_tokenizer(tmp_path / "gemma3")
-    cfg = Gemma3TextConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=256,  # = query_pre_attn_scalar, as llama.cpp assumes
-        max_position_embeddings=256,
-        sliding_window=16,  # shorter than the prompts
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    hf = Gemma3ForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.normal_(0.0, 0.5)
-            elif p.ndim == 2 and "embed" not in name:
-                p.mul_(4.0)
-    hf.save_pretrained(tmp_path / "gemma3")
+    cfg = save_gguf_gemma3(tmp_path / "gemma3", tok)
     model = load_model(tmp_path / "gemma3", device="cpu")
     assert gguf_arch(model) == "gemma3"
     orthogonalize(model, _r(model.cfg.d_model))

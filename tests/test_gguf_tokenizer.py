@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import HARMFUL, HARMLESS
+from tiny_models import save_gguf_gemma3
 
 from cosmic_tl.export import orthogonalize, plain_hf_model
 from cosmic_tl.gguf_export import GGUFExportError, save_gguf
@@ -69,32 +70,8 @@ def _gemma_style_tokenizer(out: Path):
 
 
 def _tiny_gemma3(out: Path):
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
     tok = _gemma_style_tokenizer(out)
-    cfg = Gemma3TextConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=256,  # = query_pre_attn_scalar, as llama.cpp assumes
-        max_position_embeddings=256,
-        sliding_window=16,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    hf = Gemma3ForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.normal_(0.0, 0.5)
-            elif p.ndim == 2 and "embed" not in name:
-                p.mul_(4.0)
-    hf.save_pretrained(out)
+    save_gguf_gemma3(out, tok)
     return tok
 
 

@@ -221,3 +221,36 @@ def save_family(out: Path, family: Family) -> Path:
         eos_token_id=end,
         **family.config,
     )
+
+
+def save_gguf_gemma3(out: Path, tok: Any) -> Any:
+    """A tiny Gemma 3 for the GGUF tests, saved with ``tok``'s vocabulary size and ids:
+    head_dim 256 (= query_pre_attn_scalar, as llama.cpp assumes), a sliding window shorter
+    than the prompts, and norms and weights scaled so that every part moves the logits;
+    returns its config."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=256,
+        max_position_embeddings=256,
+        sliding_window=16,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    hf = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.5)
+            elif p.ndim == 2 and "embed" not in name:
+                p.mul_(4.0)
+    hf.save_pretrained(out)
+    return cfg
