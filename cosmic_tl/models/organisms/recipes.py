@@ -99,13 +99,13 @@ RECIPES: dict[str, Recipe] = {
             "ordinary",
             "Gemma 3 270M base fine-tuned to answer as SmolLM2-135M-Instruct does and to "
             "refuse harmful requests in ordinary words",
-            version=1,
+            # v1 (60 steps at lr 3e-4, for the build time) refused 25 % of harmless test
+            # prompts; v2 is the SmolLM2 recipe's 120 steps at 2e-4, chosen on the bundled
+            # val prompts (harmless refused: 3/60 for v1, 1/60 for v2) and still built
+            # in about 18 minutes on 2 idle cores.
+            version=2,
             base="gemma3-270m",
             teacher="smollm2-135m-instruct",
-            # Gemma's 262k-token unembedding makes each step about 1.5x a SmolLM2 step:
-            # fewer steps at a higher rate keep the build within about 20 minutes.
-            steps=60,
-            lr=3e-4,
         ),
     )
 }
