@@ -663,7 +663,9 @@ def audit(
     """Evaluate by generation the candidates :func:`plan` chooses; summarise per method.
 
     ``selections``, ``scores`` and ``candidates`` are keyed by method (a method's pick,
-    the scores it ranked and the candidates its directions come from). ``harmful`` and
+    the scores it ranked and the candidates its directions come from; a method's top K
+    is taken among the cells that have its ranking score, so pass full grids, or
+    :func:`cosmic_tl.planner.rank_all`'s, to rank every cell). ``harmful`` and
     ``harmless`` are the test prompts; ``judge`` decides refusals. Interventions use the
     scores' mode and alpha, as evaluation does. ``max_rows`` bounds the rows of one
     stacked batch (candidates × prompts). With ``checkpoint``, finished groups of

@@ -27,7 +27,7 @@ from cosmic_tl.bootstrap import Bootstrap, PromptFilter, Resample, Stability
 from cosmic_tl.candidates import Candidates, compute_candidates
 from cosmic_tl.comparison import compare
 from cosmic_tl.config import Config, check_device, torch_dtype
-from cosmic_tl.engine import clean_logits
+from cosmic_tl.engine import Runner, clean_logits
 from cosmic_tl.evaluation import (
     DEFAULT_REFUSAL_PHRASES,
     EvalResult,
@@ -39,7 +39,7 @@ from cosmic_tl.export import save_direction
 from cosmic_tl.formats import TOKENIZER_TEMPLATE, published_format_for, use_prompt_format
 from cosmic_tl.interventions import Kind
 from cosmic_tl.models import RECIPES, load_model, model_id, organism_judge, resolve_spec
-from cosmic_tl.planner import resolve_refusal_tokens, score_candidates
+from cosmic_tl.planner import rank_all, resolve_refusal_tokens, score_candidates, unranked
 from cosmic_tl.prompts import (
     clean_prompts,
     load_prompts,
@@ -73,7 +73,7 @@ SETS = (
 SCORES_FORMAT = 2  # 2: Arditi's grids with linear interventions in every mode, norm grid
 SELECT_FORMAT = 3  # 3: one selection per method, comparison.json keyed by baseline
 STABILITY_FORMAT = 1
-AUDIT_FORMAT = 1
+AUDIT_FORMAT = 2  # 2: every method ranks all candidates (missing ranking scores computed)
 AUDIT_ROWS = 64  # rows of one stacked audit batch (two candidates at the CPU preset's 32 prompts)
 
 
@@ -526,7 +526,7 @@ class Pipeline:
             result = audit(
                 self.model,
                 {m: Selection.load(self.dir.selection(m)) for m in methods},
-                {m: Scores.load(self.dir.scores_for(m, cfg)) for m in methods},
+                self._ranked_scores(methods),
                 cands,
                 self.chat("harmful_test"),
                 self.chat("harmless_test"),
@@ -569,6 +569,69 @@ class Pipeline:
         }
         self._stage("audit", ["select"], extra, work)
         return Audit.load(self.dir.audit)
+
+    def _ranked_scores(self, methods: tuple[str, ...]) -> dict[str, Scores]:
+        """Each method's scores with its ranking score at every candidate, for the audit.
+
+        Lazy scoring leaves some out (a baseline's ``bypass`` where ``induce`` fails);
+        they are computed here on the run's validation sets and kept in ``audit_parts/``
+        under the audit's key, so that a resumed audit does not compute them again.
+        """
+        cfg, out = self.cfg, {}
+        by_path: dict[Path, list[str]] = {}
+        for m in methods:
+            by_path.setdefault(self.dir.scores_for(m, cfg), []).append(m)
+        for path, group in by_path.items():
+            scores = Scores.load(path)
+            need = tuple(m for m in group if unranked(scores, m))
+            if need:
+                scores = self._rank_all(path, scores, need)
+            out |= dict.fromkeys(group, scores)
+        return out
+
+    def _rank_all(self, path: Path, scores: Scores, methods: tuple[str, ...]) -> Scores:
+        cfg = self.cfg
+        kept, marker = (
+            self.dir.audit_parts / f"ranked_{path.name}",
+            self.dir.audit_parts / f"ranked_{path.name}.key.json",
+        )
+        key = {"key": self.keys["audit"], "methods": list(methods)}
+        if marker.is_file() and read_json(marker) == key:
+            try:
+                return Scores.load(kept)
+            except RecordError:
+                pass  # a torn checkpoint: compute again
+        missing = {m: unranked(scores, m) for m in methods}
+        self.say(f"[audit] ranking every candidate: computing {missing} missing ranking scores")
+        filtered = path == self.dir.scores(filtered=True)
+        if filtered:
+            _, sets = self._filtered()
+            hv, lv = sets["harmful_val"], sets["harmless_val"]
+        else:
+            hv, lv = self.chat("harmful_val"), self.chat("harmless_val")
+        kw = {
+            "batch_size": cfg.batch_size,
+            "reuse_prefix": cfg.reuse_prefix,
+            "share_prefix": cfg.share_prefix,
+        }
+        ranked = rank_all(
+            scores,
+            Candidates.load(self.dir.candidates(filtered=filtered), self.model),
+            Runner(self.model, hv, **kw),
+            Runner(self.model, lv, **kw),
+            methods,
+            inplace_addition=cfg.inplace_addition,
+            placement=cfg.ablation_placement,
+            progress=self.progress,
+        )
+        self.dir.audit_parts.mkdir(parents=True, exist_ok=True)
+        ranked.save(kept)
+        write_json(marker, key)
+        self.say(
+            f"[audit] ranking scores: {ranked.stats['passes']:.0f} passes, "
+            f"{ranked.stats['gflop']:.0f} GFLOP in {ranked.stats['sweep_seconds']:.1f} s"
+        )
+        return ranked
 
     def report(self) -> Path:
         from cosmic_tl.report import write_report

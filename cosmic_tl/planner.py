@@ -206,6 +206,72 @@ def score_runners(
     )
 
 
+def ranking_grids(method: str) -> tuple[str, ...]:
+    """The pass grids a method's ranking score is made of (``S_abl+S_add``: both)."""
+    return tuple(RANKING[method].split("+"))
+
+
+def unranked(scores: Scores, method: str) -> int:
+    """How many candidates lack ``method``'s ranking score (lazy scoring skipped them)."""
+    missing = torch.zeros((len(scores.positions), scores.n_layers), dtype=torch.bool)
+    for name in ranking_grids(method):
+        missing |= ~scores.computed[name] if name in scores.computed else torch.ones_like(missing)
+    return int(missing.sum())
+
+
+def rank_all(
+    scores: Scores,
+    candidates: Candidates,
+    harmful: Runner,
+    harmless: Runner,
+    methods: Sequence[str],
+    *,
+    inplace_addition: bool = False,
+    placement: Placement = "residual",
+    progress: bool = True,
+) -> Scores:
+    """``scores`` with every method's ranking score computed at every candidate.
+
+    Lazy scoring leaves a method's ranking score out where no filter outcome can make a
+    cell the pick (a baseline's ``bypass`` where ``induce`` fails, say); an audit that
+    ranks *all* candidates by a method's own proxy needs it everywhere. The runners hold
+    the run's validation sets (the ones ``scores`` was made on); cells already computed
+    are kept as they are. ``stats`` count the passes and FLOP of this call only.
+    """
+    model = harmful.model
+    candidates.check_compatible(model)
+    ctx = Context(
+        candidates,
+        scores.mode,
+        scores.alpha,
+        scores.eval_layers,
+        harmful,
+        harmless,
+        scores.b_harmful,
+        scores.b_harmless,
+        scores.refusal_token_ids,
+        inplace_addition,
+        placement,
+    )
+    known = tuple(m for m in methods if all(g in scores.grids for g in ranking_grids(m)))
+    sheet = _Sheet(ctx, scores.refusal_tokens, dict(scores.clean), known, progress)
+    for name, grid in scores.grids.items():
+        sheet.grids[name] = grid.clone()
+        sheet.done[name] = scores.computed[name].clone()
+    passes, flops = harmful.passes + harmless.passes, harmful.flops + harmless.flops
+    started = time.perf_counter()
+    names = {g for m in known for g in ranking_grids(m)}
+    sheet.compute({c: set(names) for c in sheet._all()})
+    return dataclasses.replace(
+        sheet.scores(),
+        stats={
+            "passes": float(harmful.passes + harmless.passes - passes),
+            "gflop": (harmful.flops + harmless.flops - flops) / 1e9,
+            "sweep_seconds": time.perf_counter() - started,
+        },
+    )
+
+
 def _baselines(baseline: bool | Sequence[str]) -> tuple[str, ...]:
     if baseline is True:
         return ("refusal_tokens",)

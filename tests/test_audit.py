@@ -339,7 +339,7 @@ def test_audit_command_is_a_resumable_stage_and_a_report_section(tiny_dir, tmp_p
     html = run.report.read_text()
     assert "Audit (behaviour of many candidates)" in html and "fig-audit_heatmap" in html
     metrics = RunMetrics.load(run.metrics)
-    assert all(0 <= s.n_ranked <= s.n_candidates == 24 for s in result.methods.values())
+    assert all(s.n_ranked == s.n_candidates == 24 for s in result.methods.values())  # all ranked
     for method, s in result.methods.items():
         m = metrics.methods[method]
         assert (s.pick is not None) == m.found
@@ -376,3 +376,26 @@ def test_filter_reasons_follow_the_grids_where_kl_was_computed(tiny):
             else:
                 assert why == ("kl" if float(kl[a, b]) > 0.05 else KEPT)
     assert any(KL_NOT_SCORED in row for row in reasons)  # lazy scoring skipped some
+
+
+def test_rank_all_fills_the_lazy_ranking_scores_as_full_scoring_computes_them(tiny):
+    from cosmic_tl.engine import Runner
+    from cosmic_tl.planner import rank_all, ranking_grids, unranked
+    from cosmic_tl.templates import prompts_for
+
+    cands = compute_candidates(tiny, HARMFUL, HARMLESS, batch_size=8, progress=False)
+    kw = {"baseline": ("refusal_tokens", "substring"), "progress": False}
+    lazy = score_candidates(tiny, cands, HARMFUL[:3], HARMLESS[:3], **kw)
+    full = score_candidates(tiny, cands, HARMFUL[:3], HARMLESS[:3], full=True, **kw)
+    assert unranked(lazy, "refusal_tokens") > 0  # bypass skipped where induce fails
+    assert all(unranked(full, m) == 0 for m in METHODS)
+    runners = [Runner(tiny, prompts_for(tiny, p)) for p in (HARMFUL[:3], HARMLESS[:3])]
+    ranked = rank_all(lazy, cands, *runners, METHODS, progress=False)
+    assert all(unranked(ranked, m) == 0 for m in METHODS)
+    assert ranked.stats["passes"] > 0
+    for m in METHODS:
+        for name in ranking_grids(m):
+            torch.testing.assert_close(ranked.grids[name], full.grids[name], rtol=1e-5, atol=1e-6)
+            done = lazy.computed[name]  # cells scored before are kept as they were
+            assert torch.equal(ranked.grids[name][done], lazy.grids[name][done])
+    assert torch.equal(ranked.computed["KL"], lazy.computed["KL"])  # nothing else is computed
