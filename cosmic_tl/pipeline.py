@@ -577,7 +577,7 @@ class Pipeline:
         they are computed here on the run's validation sets and kept in ``audit_parts/``
         under the audit's key, so that a resumed audit does not compute them again.
         """
-        cfg, out = self.cfg, {}
+        cfg, out = self.cfg, dict[str, Scores]()
         by_path: dict[Path, list[str]] = {}
         for m in methods:
             by_path.setdefault(self.dir.scores_for(m, cfg), []).append(m)
@@ -609,7 +609,7 @@ class Pipeline:
             hv, lv = sets["harmful_val"], sets["harmless_val"]
         else:
             hv, lv = self.chat("harmful_val"), self.chat("harmless_val")
-        kw = {
+        kw: dict[str, Any] = {
             "batch_size": cfg.batch_size,
             "reuse_prefix": cfg.reuse_prefix,
             "share_prefix": cfg.share_prefix,
