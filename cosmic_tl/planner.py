@@ -170,8 +170,6 @@ def score_runners(
             raise ValueError(f"the model produces non-finite logits on the {name} validation set")
     names = tuple(refusal_tokens)
     token_ids = encode_refusal_tokens(model.tokenizer, names) if baselines else ()
-    passes = harmful.passes + harmless.passes
-    flops = harmful.flops + harmless.flops
     ctx = Context(
         candidates,
         mode,
@@ -191,19 +189,12 @@ def score_runners(
         clean["refusal_score_harmful"] = float(refusal_score(harmful.clean.logits, token_ids).mean())
         clean["refusal_score_harmless"] = float(refusal_score(harmless.clean.logits, token_ids).mean())
     sheet = _Sheet(ctx, names if baselines else (), clean, ("cosmic", *baselines), progress)
-    started = time.perf_counter()
-    if full:
-        sheet.fill_all()
-    else:
-        sheet.fill_needed(settings)
-    return dataclasses.replace(
-        sheet.scores(),
-        stats={
-            "passes": float(harmful.passes + harmless.passes - passes),
-            "gflop": (harmful.flops + harmless.flops - flops) / 1e9,
-            "sweep_seconds": time.perf_counter() - started,
-        },
-    )
+    with _Work(harmful, harmless) as work:
+        if full:
+            sheet.fill_all()
+        else:
+            sheet.fill_needed(settings)
+    return dataclasses.replace(sheet.scores(), stats=work.stats)
 
 
 def ranking_grids(method: str) -> tuple[str, ...]:
@@ -258,18 +249,32 @@ def rank_all(
     for name, grid in scores.grids.items():
         sheet.grids[name] = grid.clone()
         sheet.done[name] = scores.computed[name].clone()
-    passes, flops = harmful.passes + harmless.passes, harmful.flops + harmless.flops
-    started = time.perf_counter()
     names = {g for m in known for g in ranking_grids(m)}
-    sheet.compute({c: set(names) for c in sheet._all()})
-    return dataclasses.replace(
-        sheet.scores(),
-        stats={
-            "passes": float(harmful.passes + harmless.passes - passes),
-            "gflop": (harmful.flops + harmless.flops - flops) / 1e9,
-            "sweep_seconds": time.perf_counter() - started,
-        },
-    )
+    with _Work(harmful, harmless) as work:
+        sheet.compute({c: set(names) for c in sheet._all()})
+    return dataclasses.replace(sheet.scores(), stats=work.stats)
+
+
+class _Work:
+    """The passes, FLOP and seconds the runners spend inside a ``with`` block."""
+
+    def __init__(self, *runners: Runner) -> None:
+        self.runners, self.stats = runners, dict[str, float]()
+
+    def _totals(self) -> tuple[float, float]:
+        return float(sum(r.passes for r in self.runners)), float(sum(r.flops for r in self.runners))
+
+    def __enter__(self) -> _Work:
+        self.start, self.started = self._totals(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        passes, flops = self._totals()
+        self.stats = {
+            "passes": passes - self.start[0],
+            "gflop": (flops - self.start[1]) / 1e9,
+            "sweep_seconds": time.perf_counter() - self.started,
+        }
 
 
 def _baselines(baseline: bool | Sequence[str]) -> tuple[str, ...]:
