@@ -511,6 +511,9 @@ def _oriented(method: str, value: float | None) -> float:
 # ---------------------------------------------------------------- generation
 
 
+LOGIT_BYTES = 2**31  # at most this much float32 logits in one teacher-forced batch
+
+
 def _stacked_batches(prompts: Prompts, n_groups: int, max_rows: int) -> list[tuple[Any, int]]:
     """Length-sorted prompt batches small enough that ``n_groups`` copies fit in ``max_rows``."""
     per = max(1, max_rows // max(n_groups, 1))
@@ -575,7 +578,15 @@ def answer_scores(
         prompts.pad_id,
     )
     keep = last_logits_only(model)
-    for batch, n in _stacked_batches(joined, g, max_rows):
+    # The logits of one stacked batch hold (longest answer + 1) rows of d_vocab per row:
+    # with Gemma's 262k vocabulary, 64 rows of 48-token answers would be 3.3 GB.
+    longest = (
+        max(len(a) for a in answers) + 1
+        if keep
+        else max(len(p) + len(a) for p, a in zip(prompts.ids, answers, strict=True))
+    )
+    fit = max(g, LOGIT_BYTES // (4 * longest * model.cfg.d_vocab))
+    for batch, n in _stacked_batches(joined, g, min(max_rows, fit)):
         m = max(len(answers[i]) for i in batch.index)
         kw = {"logits_to_keep": m + 1} if keep else {}
         with intervene_rows(model, [(iv, n) for iv in interventions]):

@@ -74,7 +74,7 @@ SCORES_FORMAT = 2  # 2: Arditi's grids with linear interventions in every mode, 
 SELECT_FORMAT = 3  # 3: one selection per method, comparison.json keyed by baseline
 STABILITY_FORMAT = 1
 AUDIT_FORMAT = 2  # 2: every method ranks all candidates (missing ranking scores computed)
-AUDIT_ROWS = 64  # rows of one stacked audit batch (two candidates at the CPU preset's 32 prompts)
+AUDIT_ROWS = 128  # rows of one stacked audit batch (four candidates at the CPU preset's 32 prompts)
 
 
 @dataclass(frozen=True)

@@ -227,6 +227,29 @@ def test_stacked_rows_equal_each_intervention_alone(tiny):
         tiny(batch.tokens, attention_mask=batch.attention_mask)
 
 
+def test_answer_scores_split_to_fit_the_logit_budget_give_the_same_numbers(tiny, monkeypatch):
+    prompts = chat_prompts(tiny.tokenizer, HARMLESS[:4])
+    answers = [[5, 6, 7], [8], [9, 10], [11, 12, 13, 14]]
+    r = torch.randn(tiny.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    ivs = [None, Intervention("ablate", "lce", r)]
+    whole = audit_mod.answer_scores(tiny, prompts, answers, ivs, max_rows=8)
+    seen = []
+    real = audit_mod._stacked_batches
+
+    def spy(p, n_groups, max_rows):
+        seen.append(max_rows)
+        return real(p, n_groups, max_rows)
+
+    monkeypatch.setattr(audit_mod, "_stacked_batches", spy)
+    # room for the logits of two rows only: one prompt per batch, both interventions
+    longest = 5 if audit_mod.last_logits_only(tiny) else max(len(p) for p in prompts.ids) + 4
+    monkeypatch.setattr(audit_mod, "LOGIT_BYTES", 2 * 4 * longest * tiny.cfg.d_vocab)
+    split = audit_mod.answer_scores(tiny, prompts, answers, ivs, max_rows=8)
+    assert seen == [2]
+    for a, b in zip(whole, split, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tiny):
     return _pipeline_of(tiny, HARMFUL, HARMLESS, SelectionSettings(kl_threshold=1e9))
