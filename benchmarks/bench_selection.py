@@ -11,6 +11,7 @@ agree. Then the engine alone on the CPU preset (n_train 64, n_val 16, ACE).
 
     python benchmarks/bench_selection.py [--model NAME] [--n-train 32] [--n-val 8] [--skip-preset] [--threads N]
     python benchmarks/bench_selection.py --preset-only   # just the CPU-preset timing
+    python benchmarks/bench_selection.py --engine-only [--modes ace]   # the engine's rate, no loop
 
 Last line: ``speedup=<min ratio over modes> picks_agree=<true|false>``.
 """
@@ -102,6 +103,12 @@ def main() -> None:
         action="store_true",
         help="only time the CPU preset, with the baseline on and off (last line: preset_seconds=...)",
     )
+    ap.add_argument(
+        "--engine-only",
+        action="store_true",
+        help="skip the reference loop (no ratio): the forwards and the engine's GFLOP/s only",
+    )
+    ap.add_argument("--modes", nargs="+", choices=("ace", "lce"), default=["ace", "lce"])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
     if args.threads:
@@ -131,7 +138,21 @@ def main() -> None:
     )
 
     ratios, agree = [], []
-    for mode in ("ace", "lce"):
+    for mode in args.modes:
+        if args.engine_only:
+            t0 = time.perf_counter()
+            eng = ct.score_candidates(
+                model, cands, h_val, l_val, mode=mode, batch_size=args.batch_size, progress=False
+            )
+            t_eng = time.perf_counter() - t0
+            gflop = eng.stats["gflop"]
+            print(
+                f"[{mode}] engine:         {t_eng:8.1f} s  {gflop:9.0f} GFLOP  "
+                f"{gflop / t_eng:6.1f} GFLOP/s ({gflop / t_eng / rate:.0%} of matmul rate); "
+                f"picks (cosmic, baseline) {picks(eng)}",
+                flush=True,
+            )
+            continue
         t0 = time.perf_counter()
         ref = reference_scores(
             model,
@@ -177,6 +198,8 @@ def main() -> None:
 
     if not args.skip_preset:
         time_preset(model, baseline=True)
+    if args.engine_only:
+        return
     print(f"speedup={min(ratios):.2f} picks_agree={'true' if all(agree) else 'false'}")
 
 

@@ -594,7 +594,6 @@ class Pipeline:
         return out
 
     def _rank_all(self, path: Path, scores: Scores, methods: tuple[str, ...]) -> Scores:
-        cfg = self.cfg
         kept, marker = (
             self.dir.audit_parts / f"ranked_{path.name}",
             self.dir.audit_parts / f"ranked_{path.name}.key.json",
@@ -613,19 +612,16 @@ class Pipeline:
             hv, lv = sets["harmful_val"], sets["harmless_val"]
         else:
             hv, lv = self.chat("harmful_val"), self.chat("harmless_val")
-        kw: dict[str, Any] = {
-            "batch_size": cfg.batch_size,
-            "reuse_prefix": cfg.reuse_prefix,
-            "share_prefix": cfg.share_prefix,
-        }
+        settings = self._scoring_settings()
+        kw = {k: settings[k] for k in ("batch_size", "reuse_prefix", "share_prefix")}
         ranked = rank_all(
             scores,
             Candidates.load(self.dir.candidates(filtered=filtered), self.model),
             Runner(self.model, hv, **kw),
             Runner(self.model, lv, **kw),
             methods,
-            inplace_addition=cfg.inplace_addition,
-            placement=cfg.ablation_placement,
+            inplace_addition=settings["inplace_addition"],
+            placement=settings["placement"],
             progress=self.progress,
         )
         self.dir.audit_parts.mkdir(parents=True, exist_ok=True)
