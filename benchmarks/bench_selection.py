@@ -68,6 +68,31 @@ def time_forwards(model: object, prompts: list[str], rate: float, repeats: int =
         )
 
 
+def time_engine(
+    model: object,
+    cands: ct.Candidates,
+    h_val: list[str],
+    l_val: list[str],
+    mode: str,
+    batch_size: int,
+    rate: float,
+) -> tuple[ct.Scores, float]:
+    """Score all candidates with the engine once; print its wall time and GFLOP/s (clean passes included)."""
+    t0 = time.perf_counter()
+    eng = ct.score_candidates(
+        model, cands, h_val, l_val, mode=mode, batch_size=batch_size, progress=False
+    )
+    seconds = time.perf_counter() - t0
+    gflop = eng.stats["gflop"]
+    print(
+        f"[{mode}] engine:         {seconds:8.1f} s  {gflop:9.0f} GFLOP  "
+        f"{gflop / seconds:6.1f} GFLOP/s ({gflop / seconds / rate:.0%} of matmul rate); "
+        f"picks (cosmic, baseline) {picks(eng)}",
+        flush=True,
+    )
+    return eng, seconds
+
+
 def time_preset(model: object, *, baseline: bool) -> float:
     """Candidates + scoring + selection at CPU-preset sizes (ACE), timed and printed."""
     cfg = ct.preset("cpu")
@@ -140,18 +165,7 @@ def main() -> None:
     ratios, agree = [], []
     for mode in args.modes:
         if args.engine_only:
-            t0 = time.perf_counter()
-            eng = ct.score_candidates(
-                model, cands, h_val, l_val, mode=mode, batch_size=args.batch_size, progress=False
-            )
-            t_eng = time.perf_counter() - t0
-            gflop = eng.stats["gflop"]
-            print(
-                f"[{mode}] engine:         {t_eng:8.1f} s  {gflop:9.0f} GFLOP  "
-                f"{gflop / t_eng:6.1f} GFLOP/s ({gflop / t_eng / rate:.0%} of matmul rate); "
-                f"picks (cosmic, baseline) {picks(eng)}",
-                flush=True,
-            )
+            time_engine(model, cands, h_val, l_val, mode, args.batch_size, rate)
             continue
         t0 = time.perf_counter()
         ref = reference_scores(
@@ -168,12 +182,11 @@ def main() -> None:
         )
         t_ref = time.perf_counter() - t0
         ref_flops = k * n * pass_flops  # three full passes per candidate (train means excluded)
-        t0 = time.perf_counter()
-        eng = ct.score_candidates(
-            model, cands, h_val, l_val, mode=mode, batch_size=args.batch_size, progress=False
+        print(
+            f"[{mode}] reference loop: {t_ref:8.1f} s  {ref_flops / 1e9:9.0f} GFLOP  "
+            f"{ref_flops / t_ref / 1e9:6.1f} GFLOP/s ({ref_flops / t_ref / 1e9 / rate:.0%} of matmul rate)"
         )
-        t_eng = time.perf_counter() - t0
-        eng_flops = eng.stats["gflop"] * 1e9  # includes the clean passes
+        eng, t_eng = time_engine(model, cands, h_val, l_val, mode, args.batch_size, rate)
         ref_picks, eng_picks = picks(as_scores(ref, eng, mode, cands.directions)), picks(eng)
         diff = max(
             float((eng.grids[g][eng.computed[g]] - ref["grids"][g][eng.computed[g]]).abs().max())
@@ -183,14 +196,6 @@ def main() -> None:
         ok = ref_picks == eng_picks
         ratios.append(t_ref / t_eng)
         agree.append(ok)
-        print(
-            f"[{mode}] reference loop: {t_ref:8.1f} s  {ref_flops / 1e9:9.0f} GFLOP  "
-            f"{ref_flops / t_ref / 1e9:6.1f} GFLOP/s ({ref_flops / t_ref / 1e9 / rate:.0%} of matmul rate)"
-        )
-        print(
-            f"[{mode}] engine:         {t_eng:8.1f} s  {eng_flops / 1e9:9.0f} GFLOP  "
-            f"{eng_flops / t_eng / 1e9:6.1f} GFLOP/s ({eng_flops / t_eng / 1e9 / rate:.0%} of matmul rate)"
-        )
         print(
             f"[{mode}] speedup {t_ref / t_eng:.2f}x; max |grid diff| on computed cells {diff:.2e}; "
             f"picks (cosmic, baseline) reference={ref_picks} engine={eng_picks} agree={ok}"
