@@ -53,6 +53,7 @@ def main() -> None:
     h_val, l_val = (sample(k, "val", args.n_val, args.seed) for k in ("harmful", "harmless"))
     h_test, l_test = (sample(k, "test", args.n_test, args.seed) for k in ("harmful", "harmless"))
     rows = []
+    notes: list[str] = []
     for name in args.organisms:
         build_organism(name)
         start = time.perf_counter()
@@ -76,7 +77,8 @@ def main() -> None:
         rows.append((name, "no intervention", "", fmt(none_asr), fmt(none_refusal), ""))
         for method, sel in picks.items():
             if isinstance(sel, str):
-                rows.append((name, method, "none", sel, "", ""))
+                rows.append((name, method, "none (see below)", "—", "—", ""))
+                notes.append(f"{name}, {method}: {sel}")
                 continue
             assert sel.direction is not None and sel.layer is not None
             ablation = ct.Intervention("ablate", args.mode, sel.direction, sel.layer, sel.reference)
@@ -98,6 +100,8 @@ def main() -> None:
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)))
+    for note in notes:  # why a method picked nothing, below the table to keep it narrow
+        print(note)
     print("done")
 
 
