@@ -101,11 +101,14 @@ RECIPES: dict[str, Recipe] = {
             "refuse harmful requests in ordinary words",
             # v1 (60 steps at lr 3e-4, for the build time) refused 25 % of harmless test
             # prompts; v2 is the SmolLM2 recipe's 120 steps at 2e-4, chosen on the bundled
-            # val prompts (harmless refused: 3/60 for v1, 1/60 for v2) and still built
-            # in about 18 minutes on 2 idle cores.
-            version=2,
+            # val prompts (harmless refused: 3/60 for v1, 1/60 for v2). v2 still refused
+            # 6 % of a held-out harmless set, so v3 (2026-12-03) lowers the harmful share
+            # of each batch from 0.4 to 0.3, checked on the same val prompts before any
+            # test prompt (harmful refused 58/60 for v2 and v3, harmless 1/60 and 0/60).
+            version=3,
             base="gemma3-270m",
             teacher="smollm2-135m-instruct",
+            harmful_share=0.3,
         ),
     )
 }
