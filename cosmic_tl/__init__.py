@@ -69,7 +69,7 @@ from cosmic_tl.selection import (
     select_refusal_tokens,
     select_substring,
 )
-from cosmic_tl.sweep import sweep
+from cosmic_tl.sweep import cellwise, sweep
 from cosmic_tl.templates import (
     ChatTemplateError,
     Prompts,
@@ -115,6 +115,7 @@ __all__ = [
     "attack_success_rate",
     "audit",
     "build_planted",
+    "cellwise",
     "chat_prompts",
     "clean_logits",
     "clean_prompts",

@@ -7,7 +7,7 @@ intervention and turns what it returns into grid values with the pure maths of
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from jaxtyping import Float
@@ -18,6 +18,7 @@ from cosmic_tl.config import Mode, Placement
 from cosmic_tl.engine import Runner
 from cosmic_tl.interventions import Intervention, Kind
 from cosmic_tl.scoring import cosine, kl_divergence, pooled, refusal_score
+from cosmic_tl.sweep import Cell
 
 
 @dataclass
@@ -68,37 +69,50 @@ GRIDS: dict[str, tuple[str, ...]] = {
 }
 
 
-def pass_metric(
+def pass_metrics(
     ctx: Context,
-    i: int,
-    layer: int,
+    cells: Sequence[Cell],
     *,
     kind: Kind,
     mode: Mode,
     cos: bool,
     tokens: bool,
     wanted: Collection[str],
-) -> dict[str, float]:
-    """One pass of candidate ``(i, layer)``: ablation on harmful prompts (``S_abl``, the
-    bypass scores) or addition on harmless prompts (``S_add``, the induce scores), with
-    ``mode``'s interventions; fills every ``wanted`` grid that pass gives."""
+) -> list[dict[str, float]]:
+    """One pass per candidate cell ``(i, layer)``: ablation on harmful prompts
+    (``S_abl``, the bypass scores) or addition on harmless prompts (``S_add``, the
+    induce scores), with ``mode``'s interventions; fills every ``wanted`` grid that
+    pass gives. The cells' logits share one unembedding
+    (:meth:`~cosmic_tl.engine.Runner.run_many`)."""
     runner, target = (ctx.harmful, ctx.b_harmless) if kind == "ablate" else (ctx.harmless, ctx.b_harmful)
-    res = runner.run(
-        ctx.intervention(kind, mode, i, layer), eval_layers=ctx.eval_layers if cos else (), logits=tokens
+    results = runner.run_many(
+        [ctx.intervention(kind, mode, i, layer) for i, layer in cells],
+        eval_layers=ctx.eval_layers if cos else (),
+        logits=tokens,
     )
-    out: dict[str, float] = {}
-    for name, (k, whose, what) in OUTPUTS.items():
-        if name not in wanted or k != kind or (ctx.mode if whose == "mode" else "lce") != mode:
-            continue
-        if what == "cos" and cos:
-            assert res.eval_sums is not None
-            sums = res.eval_sums
-            if ctx.inplace_addition and (kind, mode) == ("add", "lce") and layer - 1 in ctx.eval_layers:
-                sums = _published_inplace_reading(ctx, sums, i, layer)
-            out[name] = cosine(pooled(sums, ctx.eval_layers), target)
-        elif what == "tokens" and tokens:
-            assert res.logits is not None
-            out[name] = float(refusal_score(res.logits, ctx.token_ids).mean())
+    names = [
+        (name, what)
+        for name, (k, whose, what) in OUTPUTS.items()
+        if name in wanted and k == kind and (ctx.mode if whose == "mode" else "lce") == mode
+    ]
+    out: list[dict[str, float]] = []
+    for (i, layer), res in zip(cells, results, strict=True):
+        values: dict[str, float] = {}
+        for name, what in names:
+            if what == "cos" and cos:
+                assert res.eval_sums is not None
+                sums = res.eval_sums
+                if (
+                    ctx.inplace_addition
+                    and (kind, mode) == ("add", "lce")
+                    and layer - 1 in ctx.eval_layers
+                ):
+                    sums = _published_inplace_reading(ctx, sums, i, layer)
+                values[name] = cosine(pooled(sums, ctx.eval_layers), target)
+            elif what == "tokens" and tokens:
+                assert res.logits is not None
+                values[name] = float(refusal_score(res.logits, ctx.token_ids).mean())
+        out.append(values)
     return out
 
 

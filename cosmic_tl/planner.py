@@ -24,9 +24,9 @@ import torch
 
 from cosmic_tl.candidates import Candidates
 from cosmic_tl.config import BASELINE_METHODS, Mode, Placement, SelectionSettings
-from cosmic_tl.engine import Runner, clean_logits
+from cosmic_tl.engine import UNEMBED_ROWS, Runner, clean_logits
 from cosmic_tl.interventions import Kind
-from cosmic_tl.metrics import GRIDS, OUTPUTS, Context, kl_metric, pass_metric
+from cosmic_tl.metrics import GRIDS, OUTPUTS, Context, kl_metric, pass_metrics
 from cosmic_tl.models.boot import model_id
 from cosmic_tl.scoring import (
     Scores,
@@ -49,7 +49,7 @@ from cosmic_tl.selection import (
     substring_max_layer,
     walk_ranking,
 )
-from cosmic_tl.sweep import Metric, sweep
+from cosmic_tl.sweep import Metric, cellwise, sweep
 from cosmic_tl.templates import Prompts, prompts_for
 
 
@@ -344,8 +344,8 @@ class _Sheet:
             self.clean,
         )
 
-    def record(self, metric: Metric, cells: Sequence[Cell], desc: str) -> None:
-        grids, filled = sweep(metric, cells, self.shape, progress=self.progress, desc=desc)
+    def record(self, metric: Metric, cells: Sequence[Cell], desc: str, chunk: int = 1) -> None:
+        grids, filled = sweep(metric, cells, self.shape, chunk=chunk, progress=self.progress, desc=desc)
         for name, grid in grids.items():
             mask = filled[name]
             self.grids[name][mask] = grid[mask]
@@ -364,24 +364,24 @@ class _Sheet:
                 groups[kind, mode][cell] = (cos or what == "cos", tokens or what == "tokens")
         wanted = set(self.grids)
         for (kind, mode), flags in sorted(groups.items(), key=lambda kv: (kv[0][0] != "add", kv[0][1])):
-
-            def metric(
-                i: int, j: int, kind: Kind = kind, mode: Mode = mode, flags: dict = flags
-            ) -> dict[str, float]:
-                cos, tokens = flags[i, j]
-                return pass_metric(
-                    self.ctx, i, j, kind=kind, mode=mode, cos=cos, tokens=tokens, wanted=wanted
-                )
-
             label = "addition" if kind == "add" else "ablation"
-            self.record(metric, sorted(flags), f"{label} passes ({mode.upper()})")
+            # Passes that read the same things go through the engine together, so that
+            # the logit passes share their unembedding (Runner.run_many).
+            for cos, tokens in sorted(set(flags.values())):
+                cells = sorted(c for c, f in flags.items() if f == (cos, tokens))
+                metric = partial(
+                    pass_metrics, self.ctx, kind=kind, mode=mode, cos=cos, tokens=tokens, wanted=wanted
+                )
+                runner = self.ctx.harmful if kind == "ablate" else self.ctx.harmless
+                self.record(metric, cells, f"{label} passes ({mode.upper()})", _chunk(runner, tokens))
 
     def kl(self, cell: Cell, name: str = "KL") -> float:
         """The cell's KL grid ``name`` (``KL`` or ``KL_linear``), computed now if it was not yet."""
         if not bool(self.done[name][cell]):
             mode: Mode = self.ctx.mode if name == "KL" else "lce"
             wanted = set(self.grids)
-            self.record(lambda i, j: kl_metric(self.ctx, i, j, mode=mode, wanted=wanted), [cell], name)
+            metric = cellwise(lambda i, j: kl_metric(self.ctx, i, j, mode=mode, wanted=wanted))
+            self.record(metric, [cell], name)
         return float(self.grids[name][cell])
 
     def _all(self) -> list[Cell]:
@@ -446,6 +446,12 @@ class _Sheet:
             else:
                 needs.setdefault(pick, set()).update({"S_abl", "S_add"})
         self.compute(needs)
+
+
+def _chunk(runner: Runner, logits: bool) -> int:
+    """How many cells' passes go to the engine at once: enough for about ``UNEMBED_ROWS``
+    prompts' logits to share one unembedding; one at a time when no logits are read."""
+    return max(1, UNEMBED_ROWS // runner.n_prompts) if logits else 1
 
 
 def suggest_refusal_tokens(

@@ -107,3 +107,35 @@ def test_clean_logits_equal_the_runner_clean_pass_in_prompt_order(tiny):
     # in prompt order: each row equals that prompt run alone
     alone = clean_logits(tiny, [prompts[-1]], batch_size=1)
     torch.testing.assert_close(plain[-1:], alone, atol=1e-4, rtol=1e-4)
+
+
+def test_run_many_equals_one_run_per_intervention(tiny, monkeypatch):
+    """Many passes share one unembedding; each still gets its own logits and sums."""
+    import importlib
+
+    from cosmic_tl.interventions import Intervention
+
+    engine = importlib.import_module("cosmic_tl.engine")
+    monkeypatch.setattr(engine, "UNEMBED_ROWS", 5)  # several products, one split mid-pass
+    prompts = [*VAL_H, "Hi", "Name one prime number, please."]
+    ivs = [
+        *_interventions(tiny.cfg.d_model),
+        None,
+        Intervention("ablate", "lce", torch.zeros(tiny.cfg.d_model)),  # no pass
+    ]
+    for runner in (
+        engine.Runner(tiny, prompts, batch_size=4),
+        engine.Runner(tiny, prompts, batch_size=4).resampled([5, 0, 0, 3]),
+    ):
+        many = runner.run_many(ivs, eval_layers=(1, 3), logits=True)
+        assert len(many) == len(ivs)
+        for iv, got in zip(ivs, many, strict=True):
+            one = runner.run(iv, eval_layers=(1, 3), logits=True)
+            assert got.logits is not None and one.logits is not None
+            assert got.logits.shape == one.logits.shape == (len(runner.clean.logits), tiny.cfg.d_vocab)
+            scale = float(one.logits.abs().max())
+            torch.testing.assert_close(got.logits, one.logits, atol=1e-5 * scale, rtol=0)
+            assert got.eval_sums is not None and one.eval_sums is not None
+            torch.testing.assert_close(got.eval_sums, one.eval_sums, atol=1e-6, rtol=1e-6)
+        # the interventions' logits differ from each other, so none was swapped
+        assert not torch.allclose(many[0].logits, many[1].logits)

@@ -14,7 +14,7 @@ from cosmic_tl.config import SelectionSettings
 from cosmic_tl.planner import score_candidates
 from cosmic_tl.scoring import encode_refusal_tokens
 from cosmic_tl.selection import NoCandidateError, select_cosmic, select_refusal_tokens, select_substring
-from cosmic_tl.sweep import sweep
+from cosmic_tl.sweep import cellwise, sweep
 
 TRAIN_H, TRAIN_L = HARMFUL, HARMLESS
 VAL_H, VAL_L = HARMFUL[:4], HARMLESS[2:]
@@ -70,9 +70,33 @@ def both(request, tiny, cands):
 
 
 def test_generic_sweep_fills_only_called_cells():
-    grids, filled = sweep(lambda i, j: {"x": 10 * i + j}, [(0, 1), (1, 2)], (2, 3), progress=False)
+    grids, filled = sweep(
+        cellwise(lambda i, j: {"x": 10 * i + j}), [(0, 1), (1, 2)], (2, 3), progress=False
+    )
     assert grids["x"][0, 1] == 1 and grids["x"][1, 2] == 12
     assert filled["x"].sum() == 2 and math.isnan(float(grids["x"][0, 0]))
+
+
+def test_chunked_sweep_gives_chunks_and_the_same_grids():
+    seen: list[int] = []
+
+    def metric(cells):
+        seen.append(len(cells))
+        return [{"x": 10 * i + j, "y": float(i == j)} for i, j in cells]
+
+    cells = [(i, j) for i in range(2) for j in range(3)]
+    one, one_filled = sweep(metric, cells, (2, 3), progress=False)
+    assert seen == [1] * 6
+    seen.clear()
+    four, four_filled = sweep(metric, cells, (2, 3), chunk=4, progress=False)
+    assert seen == [4, 2]
+    for name in ("x", "y"):
+        assert torch.equal(one[name], four[name]) and bool(four_filled[name].all())
+    assert four["x"][1, 2] == 12
+    with pytest.raises(ValueError, match="returned 1 results for 2 cells"):
+        sweep(lambda cs: [{"x": 0.0}], cells, (2, 3), chunk=2, progress=False)
+    with pytest.raises(ValueError, match="chunk must be at least 1"):
+        sweep(metric, cells, (2, 3), chunk=0, progress=False)
 
 
 def test_full_grids_match_reference_loop(both):
