@@ -6,8 +6,11 @@ forward of the harmful validation batch (full logits, as the loop runs them), th
 ACE and LCE, the reference loop (three full forward passes per candidate, full logits,
 every layer) and the engine side by side in one process: wall times, the speed ratio,
 executed GFLOP (the engine's include its clean passes and the shared-prefix check) and
-GFLOP/s against the measured matmul rate, and whether the COSMIC and baseline picks
-agree. Then the engine alone on the CPU preset (n_train 64, n_val 16, ACE).
+GFLOP/s against the measured matmul rate (for the engine also against the rate measured
+right before and right after it), and whether the COSMIC and baseline picks agree. The
+loop's FLOP count includes, outside LCE mode, its three extra passes per candidate with
+linear interventions for the refusal-token baseline. Then the engine alone on the CPU
+preset (n_train 64, n_val 16, ACE).
 
     python benchmarks/bench_selection.py [--model NAME] [--n-train 32] [--n-val 8] [--skip-preset] [--threads N]
     python benchmarks/bench_selection.py --preset-only   # just the CPU-preset timing
@@ -77,17 +80,26 @@ def time_engine(
     batch_size: int,
     rate: float,
 ) -> tuple[ct.Scores, float]:
-    """Score all candidates with the engine once; print its wall time and GFLOP/s (clean passes included)."""
+    """Score all candidates with the engine once; print its wall time and GFLOP/s (clean
+    passes included) against ``rate`` and against the matmul rate measured right before
+    and right after it (the machine's own rate drifts by 10-30 % within minutes)."""
+    before = matmul_rate()
     t0 = time.perf_counter()
     eng = ct.score_candidates(
         model, cands, h_val, l_val, mode=mode, batch_size=batch_size, progress=False
     )
     seconds = time.perf_counter() - t0
+    after = matmul_rate()
     gflop = eng.stats["gflop"]
     print(
         f"[{mode}] engine:         {seconds:8.1f} s  {gflop:9.0f} GFLOP  "
         f"{gflop / seconds:6.1f} GFLOP/s ({gflop / seconds / rate:.0%} of matmul rate); "
         f"picks (cosmic, baseline) {picks(eng)}",
+        flush=True,
+    )
+    print(
+        f"[{mode}] matmul rate right before / after the engine: {before:.1f} / {after:.1f} GFLOP/s "
+        f"(the engine at {gflop / seconds / before:.0%} / {gflop / seconds / after:.0%} of it)",
         flush=True,
     )
     return eng, seconds
@@ -181,7 +193,9 @@ def main() -> None:
             batch_size=args.batch_size,
         )
         t_ref = time.perf_counter() - t0
-        ref_flops = k * n * pass_flops  # three full passes per candidate (train means excluded)
+        # Three full passes per candidate (train means excluded); outside LCE mode three
+        # more with linear interventions, for the refusal-token baseline's grids.
+        ref_flops = k * n * pass_flops * (1 if mode == "lce" else 2)
         print(
             f"[{mode}] reference loop: {t_ref:8.1f} s  {ref_flops / 1e9:9.0f} GFLOP  "
             f"{ref_flops / t_ref / 1e9:6.1f} GFLOP/s ({ref_flops / t_ref / 1e9 / rate:.0%} of matmul rate)"
