@@ -30,7 +30,7 @@ rounding):
   blocks. :meth:`Runner.run_many` stacks the last-position rows of many passes into
   one unembedding product: a few rows at a time, the product is bound by reading the
   ``[d_model, d_vocab]`` matrix (on Gemma 3, 8 rows run at about a quarter of the
-  machine's matmul rate, 128 rows at about two thirds).
+  machine's matmul rate, 128 rows at more than twice that; ``benchmarks/bench_unembed.py``).
 - **Length bucketing.** Batches are sorted by length, so little padding is computed.
 """
 
