@@ -37,6 +37,10 @@ class Context:
     inplace_addition: bool = False
     placement: Placement = "residual"
 
+    def runner(self, kind: Kind) -> Runner:
+        """The prompts a pass of ``kind`` runs on: ablation on harmful, addition on harmless."""
+        return self.harmful if kind == "ablate" else self.harmless
+
     def intervention(self, kind: Kind, mode: Mode, i: int, layer: int) -> Intervention:
         p = self.candidates.positions[i]
         return Intervention(
@@ -84,8 +88,8 @@ def pass_metrics(
     induce scores), with ``mode``'s interventions; fills every ``wanted`` grid that
     pass gives. The cells' logits share one unembedding
     (:meth:`~cosmic_tl.engine.Runner.run_many`)."""
-    runner, target = (ctx.harmful, ctx.b_harmless) if kind == "ablate" else (ctx.harmless, ctx.b_harmful)
-    results = runner.run_many(
+    target = ctx.b_harmless if kind == "ablate" else ctx.b_harmful
+    results = ctx.runner(kind).run_many(
         [ctx.intervention(kind, mode, i, layer) for i, layer in cells],
         eval_layers=ctx.eval_layers if cos else (),
         logits=tokens,

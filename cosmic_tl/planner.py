@@ -372,8 +372,8 @@ class _Sheet:
                 metric = partial(
                     pass_metrics, self.ctx, kind=kind, mode=mode, cos=cos, tokens=tokens, wanted=wanted
                 )
-                runner = self.ctx.harmful if kind == "ablate" else self.ctx.harmless
-                self.record(metric, cells, f"{label} passes ({mode.upper()})", _chunk(runner, tokens))
+                chunk = _chunk(self.ctx.runner(kind), tokens)
+                self.record(metric, cells, f"{label} passes ({mode.upper()})", chunk)
 
     def kl(self, cell: Cell, name: str = "KL") -> float:
         """The cell's KL grid ``name`` (``KL`` or ``KL_linear``), computed now if it was not yet."""

@@ -91,7 +91,8 @@ def test_chunked_sweep_gives_chunks_and_the_same_grids():
     four, four_filled = sweep(metric, cells, (2, 3), chunk=4, progress=False)
     assert seen == [4, 2]
     for name in ("x", "y"):
-        assert torch.equal(one[name], four[name]) and bool(four_filled[name].all())
+        assert torch.equal(one[name], four[name]) and torch.equal(one_filled[name], four_filled[name])
+        assert bool(four_filled[name].all())
     assert four["x"][1, 2] == 12
     with pytest.raises(ValueError, match="returned 1 results for 2 cells"):
         sweep(lambda cs: [{"x": 0.0}], cells, (2, 3), chunk=2, progress=False)
