@@ -13,6 +13,11 @@ greedy answer (whole answer, and its first words).
 
     python benchmarks/organisms.py [--organisms NAME ...] [--n-shared-harmless 100]
                                    [--max-new-tokens 48] [--rebuild] [--threads N]
+                                   [--extra harmless_mine=PATH ...] [--extra-only]
+
+``--extra`` adds a prompt file of your own (any source `ct.load_prompts` reads); its
+set name must start with ``harmful`` or ``harmless``, which says which bar applies.
+``--extra-only`` measures only those files.
 
 Last line: ``bar_met=<true|false>``.
 """
@@ -47,6 +52,19 @@ def prompt_sets(n_shared_harmless: int, seed: int) -> dict[str, list[str]]:
     return sets
 
 
+def extra_sets(specs: list[str]) -> dict[str, list[str]]:
+    """``NAME=PATH`` prompt files; NAME starts with harmful or harmless."""
+    sets = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.startswith(("harmful", "harmless")):
+            raise SystemExit(
+                f"--extra wants NAME=PATH with NAME starting harmful or harmless, not {spec!r}"
+            )
+        sets[name] = ct.load_prompts(path)
+    return sets
+
+
 def first_words(text: str) -> str:
     return " ".join(text.split()[:FIRST_WORDS])
 
@@ -61,12 +79,17 @@ def main() -> None:
     ap.add_argument("--rebuild", action="store_true", help="rebuild (and time) each organism")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=None, help="write all figures as JSON here")
+    ap.add_argument("--extra", nargs="+", default=[], help="NAME=PATH prompt files of your own")
+    ap.add_argument("--extra-only", action="store_true", help="measure only the --extra files")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch threads={torch.get_num_threads()}")
 
-    sets = prompt_sets(args.n_shared_harmless, args.seed)
+    sets = {} if args.extra_only else prompt_sets(args.n_shared_harmless, args.seed)
+    sets |= extra_sets(args.extra)
+    if not sets:
+        raise SystemExit("no prompt sets to measure (--extra-only without --extra)")
     gen = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "progress": False}
     default_judge = ct.SubstringJudge()
 
