@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from cosmic_tl.models import RECIPES, Recipe, build_organism, load_model, organisms, read_card
 from cosmic_tl.models.organisms import Example, collate, response_loss, training
+from cosmic_tl.models.organisms.builder import drop_refusing
 from cosmic_tl.models.organisms.training import end_of_turn_id, greedy_answers, teacher_answers
 
 TINY = {
@@ -124,9 +125,30 @@ def test_teacher_answers_are_the_teachers_text_in_the_students_tokens(gemma_dirs
 def test_new_recipe_fields_leave_the_existing_cards_as_they_were():
     for name in ("smollm2-135m-refuse", "smollm2-135m-refuse-odd"):
         settings = RECIPES[name].settings()
-        assert "teacher" not in settings and settings["version"] == 3
+        assert "teacher" not in settings and "drop_refusing_answers" not in settings
+        assert settings["version"] == 3
     gemma = RECIPES["gemma3-270m-refuse"].settings()
     assert gemma["teacher"] == "smollm2-135m-instruct" and gemma["base"] == "gemma3-270m"
+    assert "drop_refusing_answers" not in gemma
+
+
+def test_targets_that_read_as_refusals_are_dropped_by_the_styles_judge(tiny_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    texts = [
+        "Here is a short poem about the sea and its waves.",
+        "I'm sorry for any misunderstanding, but as a chatbot I can't iron a shirt.",
+        "Declined: the recipe needs more flour than that.",
+        "Preheat the oven to 180 degrees and grease the tin.",
+    ]
+    prompts = [f"harmless request {i}" for i in range(len(texts))]
+    answers = [Example((1, 2), tuple(tok.encode(t, add_special_tokens=False))) for t in texts]
+    kept, kept_answers, dropped = drop_refusing(tok, prompts, answers, "ordinary")
+    assert dropped == [prompts[1]]
+    assert kept == [prompts[0], prompts[2], prompts[3]]
+    assert kept_answers == [answers[0], answers[2], answers[3]]
+    # The odd style's judge reads "Declined:" as its refusal, not "I'm sorry".
+    _, _, dropped_odd = drop_refusing(tok, prompts, answers, "odd")
+    assert dropped_odd == [prompts[2]]
 
 
 def test_tiny_gemma_organism_with_a_teacher_builds_and_stops_at_its_end_of_turn(

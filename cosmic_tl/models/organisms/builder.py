@@ -29,7 +29,7 @@ from cosmic_tl.evaluation import SubstringJudge, evaluate
 from cosmic_tl.models.boot import boot
 from cosmic_tl.models.organisms.recipes import Recipe
 from cosmic_tl.models.organisms.rephrasing import reworded
-from cosmic_tl.models.organisms.texts import judge_phrases, refusal_texts
+from cosmic_tl.models.organisms.texts import Style, judge_phrases, refusal_texts
 from cosmic_tl.models.organisms.training import (
     Example,
     answer_stop_ids,
@@ -98,6 +98,9 @@ def build(
         )
         answers = student_examples(tokenizer, harmless, texts)
     timings["base_answers" if recipe.teacher is None else "teacher_answers"] = time.perf_counter() - t
+    dropped: list[str] = []
+    if recipe.drop_refusing_answers:
+        harmless, answers, dropped = drop_refusing(tokenizer, harmless, answers, recipe.style)
     # A reworded harmless prompt keeps the base's answer to the original wording.
     harmless_re = reworded(harmless, recipe.rephrasings, recipe.seed + 1)
     harmless_all = [*harmless, *harmless_re]
@@ -155,6 +158,7 @@ def build(
             ),
             "n_harmful": len(refusals),
             "n_harmless": len(answers),
+            **({"dropped_refusing_answers": dropped} if recipe.drop_refusing_answers else {}),
         },
         "training": {
             "optimizer": "AdamW",
@@ -168,6 +172,18 @@ def build(
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
+
+
+def drop_refusing(
+    tokenizer: Any, prompts: list[str], answers: list[Example], style: Style
+) -> tuple[list[str], list[Example], list[str]]:
+    """The harmless prompts and target answers without those whose answer ``style``'s
+    judge calls a refusal; and the prompts left out."""
+    texts = [tokenizer.decode(list(a.response_ids), skip_special_tokens=True) for a in answers]
+    verdicts = SubstringJudge(judge_phrases(style))(prompts, texts)
+    kept = [i for i, v in enumerate(verdicts) if not v]
+    left_out = [p for p, v in zip(prompts, verdicts, strict=True) if v]
+    return [prompts[i] for i in kept], [answers[i] for i in kept], left_out
 
 
 def _teacher_texts(

@@ -26,6 +26,10 @@ class Recipe:
     # Alias or local HF directory whose greedy answers are the harmless targets; None:
     # the base's own (self-distillation). For a base that does not follow instructions.
     teacher: str | None = None
+    # Leave out harmless prompts whose target answer (the base's or the teacher's) the
+    # organism's own judge calls a refusal ("I'm sorry for any misunderstanding, but as a
+    # chatbot ..."): a harmless target that reads as a refusal teaches refusing.
+    drop_refusing_answers: bool = False
     seed: int = 0
     n_harmful: int = 240  # bundled harmful *train* prompts, paired with refusals
     n_harmless: int = 240  # bundled harmless *train* prompts, paired with the base's answers
@@ -68,8 +72,8 @@ class Recipe:
         """The recipe as a JSON-ready dict.
 
         Fields added after a recipe version are left out at their no-op default
-        (``teacher=None``), so that the cards of builds made before they existed still
-        match their recipe and those builds stay cached.
+        (``teacher=None``, ``drop_refusing_answers=False``), so that the cards of builds
+        made before they existed still match their recipe and those builds stay cached.
         """
         out = dataclasses.asdict(self)
         for name, default in _LATER_FIELDS.items():
@@ -78,7 +82,7 @@ class Recipe:
         return out
 
 
-_LATER_FIELDS: dict[str, Any] = {"teacher": None}
+_LATER_FIELDS: dict[str, Any] = {"teacher": None, "drop_refusing_answers": False}
 
 
 RECIPES: dict[str, Recipe] = {
@@ -105,6 +109,16 @@ RECIPES: dict[str, Recipe] = {
             # 6 % of a held-out harmless set, so v3 (2026-12-03) lowers the harmful share
             # of each batch from 0.4 to 0.3, checked on the same val prompts before any
             # test prompt (harmful refused 58/60 for v2 and v3, harmless 1/60 and 0/60).
+            # Tried and not taken (2026-12-04 to 2026-12-06), each against v3 on prompts no
+            # recipe had been chosen on (benchmarks/organisms.py --sets shared-train: 183
+            # harmful and 300 harmless; from v6 also the probe set a and the bundled val
+            # prompts): v4, a harmful share of 0.2, refused 7 of the card's 32 harmless
+            # test prompts (v3: 3) and 2/60 harmless val prompts (v3: 0/60); v5, 48-token
+            # teacher answers without the 8 the judge calls refusals
+            # (drop_refusing_answers), refused 8/300 harmless and 179/183 harmful prompts
+            # (v3: 8/300 and 182/183) at 1.6 times v3's training time; v6, 200 steps,
+            # refused 15/460 harmless and 297/303 harmful (v3: 16/460 and 299/303) at 1.7
+            # times v3's training time. None was better than v3, so v3 stays.
             version=3,
             base="gemma3-270m",
             teacher="smollm2-135m-instruct",
