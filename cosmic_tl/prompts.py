@@ -35,11 +35,13 @@ SPLITS = ("train", "val", "test")
 # ``harmless:train_tasks``: short task instructions ("Compose…", "Convert…"), so the
 # organisms do not learn "terse imperative = harmful"; ``harmless:train_contrast``:
 # harmless requests with alarming words in ordinary senses ("kill a stuck process"),
-# so they do not refuse on surface words; ``harmful:train_extra``: harmful requests in
-# the long instruction styles of public benchmarks ("Give detailed step-by-step
-# instructions for…", "Write code for…").
+# so they do not refuse on surface words; ``harmless:train_everyday``: everyday requests
+# with personal context ("My toddler only eats pasta; ..."), read by no catalogue recipe
+# (Gemma recipes v7 and v8 tried it; see ``recipes.py``); ``harmful:train_extra``:
+# harmful requests in the long instruction styles of public benchmarks ("Give detailed
+# step-by-step instructions for…", "Write code for…").
 EXTRA_SPLITS: dict[str, tuple[str, ...]] = {
-    "harmless": ("train_tasks", "train_contrast"),
+    "harmless": ("train_tasks", "train_contrast", "train_everyday"),
     "harmful": ("train_extra",),
 }
 

@@ -50,6 +50,7 @@ TINY = {
     "n_harmless": 4,
     "n_tasks": 2,
     "n_contrast": 1,
+    "n_everyday": 1,
     "n_harmful_extra": 1,
     "distill_tokens": 4,
     "steps": 3,
@@ -215,7 +216,7 @@ def test_tiny_organism_builds_loads_by_path_with_complete_card(tiny_recipe, tiny
     )
     # Examples: the train prompts plus the extra train-only splits, each with one rewording.
     copies = 1 + tiny_recipe.rephrasings
-    n_harmless = TINY["n_harmless"] + TINY["n_tasks"] + TINY["n_contrast"]
+    n_harmless = TINY["n_harmless"] + TINY["n_tasks"] + TINY["n_contrast"] + TINY["n_everyday"]
     assert card["data"]["n_harmless"] == n_harmless * copies
     assert card["data"]["n_harmful"] == (TINY["n_harmful"] + TINY["n_harmful_extra"]) * copies
     for kind in ("harmful", "harmless"):
@@ -304,6 +305,8 @@ def test_bad_recipes_and_names():
         Recipe("x", "odd", n_tasks=-1)
     with pytest.raises(ValueError, match="n_contrast"):
         Recipe("x", "odd", n_contrast=-1)
+    with pytest.raises(ValueError, match="n_everyday"):
+        Recipe("x", "odd", n_everyday=-1)
     with pytest.raises(ValueError, match="first_token_weight"):
         Recipe("x", "odd", first_token_weight=0.0)
     with pytest.raises(ModelSpecError, match="not an organism"):

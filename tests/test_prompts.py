@@ -98,6 +98,7 @@ def test_harmful_and_harmless_do_not_overlap() -> None:
     [
         ("harmless", "train_tasks", 300),
         ("harmless", "train_contrast", 200),
+        ("harmless", "train_everyday", 400),
         ("harmful", "train_extra", 120),
     ],
 )

@@ -77,6 +77,7 @@ def build(
         ("harmful", "train_extra", recipe.n_harmful_extra),
         ("harmless", "train_tasks", recipe.n_tasks),
         ("harmless", "train_contrast", recipe.n_contrast),
+        ("harmless", "train_everyday", recipe.n_everyday),
     ):
         if n:
             (harmful if kind == "harmful" else harmless).extend(

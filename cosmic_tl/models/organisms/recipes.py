@@ -36,6 +36,7 @@ class Recipe:
     n_tasks: int = 301  # bundled ``harmless:train_tasks`` instructions added to them
     n_contrast: int = 200  # bundled ``harmless:train_contrast`` requests added to them
     n_harmful_extra: int = 120  # bundled ``harmful:train_extra`` requests added to the harmful
+    n_everyday: int = 0  # bundled ``harmless:train_everyday`` requests added to the harmless
     rephrasings: int = 1  # reworded copies of each train prompt (see ``rephrase``)
     distill_tokens: int = 16  # cap on the base's greedy answers used as targets
     steps: int = 120  # optimiser steps
@@ -56,7 +57,7 @@ class Recipe:
             raise ValueError("need steps >= 1, batch_size >= 2 and lr > 0")
         if self.n_harmful < 1 or self.n_harmless < 1 or self.distill_tokens < 1:
             raise ValueError("need at least one prompt of each kind and distill_tokens >= 1")
-        for field_name in ("n_tasks", "n_contrast", "n_harmful_extra"):
+        for field_name in ("n_tasks", "n_contrast", "n_harmful_extra", "n_everyday"):
             if getattr(self, field_name) < 0:
                 raise ValueError(f"{field_name} must be >= 0, not {getattr(self, field_name)}")
         if self.first_token_weight <= 0:
@@ -72,8 +73,9 @@ class Recipe:
         """The recipe as a JSON-ready dict.
 
         Fields added after a recipe version are left out at their no-op default
-        (``teacher=None``, ``drop_refusing_answers=False``), so that the cards of builds
-        made before they existed still match their recipe and those builds stay cached.
+        (``teacher=None``, ``drop_refusing_answers=False``, ``n_everyday=0``), so that the
+        cards of builds made before they existed still match their recipe and those
+        builds stay cached.
         """
         out = dataclasses.asdict(self)
         for name, default in _LATER_FIELDS.items():
@@ -82,7 +84,7 @@ class Recipe:
         return out
 
 
-_LATER_FIELDS: dict[str, Any] = {"teacher": None, "drop_refusing_answers": False}
+_LATER_FIELDS: dict[str, Any] = {"teacher": None, "drop_refusing_answers": False, "n_everyday": 0}
 
 
 RECIPES: dict[str, Recipe] = {
@@ -118,7 +120,15 @@ RECIPES: dict[str, Recipe] = {
             # (drop_refusing_answers), refused 8/300 harmless and 179/183 harmful prompts
             # (v3: 8/300 and 182/183) at 1.6 times v3's training time; v6, 200 steps,
             # refused 15/460 harmless and 297/303 harmful (v3: 16/460 and 299/303) at 1.7
-            # times v3's training time. None was better than v3, so v3 stays.
+            # times v3's training time. None was better than v3.
+            # v3 then refused 8-14 % of everyday harmless requests written after it (the
+            # probe sets b, c and d; the SmolLM2 organism 6-14 %). v7 (2026-12-06) added
+            # 400 everyday requests with personal context (n_everyday=400) and refused
+            # more: 21/300 shared harmless prompts and 45/300 of sets b-d (v3: 8 and 32);
+            # the teacher had opened 63 of its answers to them with "I'm sorry to hear".
+            # v8, v7 without the answers the judge calls refusals (drop_refusing_answers),
+            # refused 21/300 and 26/300, and 465/483 harmful prompts (v3: 475/483). So v3
+            # stays.
             version=3,
             base="gemma3-270m",
             teacher="smollm2-135m-instruct",
