@@ -39,7 +39,7 @@ import torch
 
 import cosmic_tl as ct
 from cosmic_tl.evaluation import Rate
-from cosmic_tl.models import RECIPES, build_organism, organism_judge, read_card
+from cosmic_tl.models import RECIPES, build_organism, read_card
 from cosmic_tl.models.cache import MARKER
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cosmic-splits"
@@ -83,10 +83,12 @@ def organism(name: str, *, rebuild: bool) -> tuple[object, dict, ct.SubstringJud
     folder = Path(name)
     if folder.is_dir():
         card = json.loads((folder / MARKER).read_text())["card"]
-        judge = ct.SubstringJudge(tuple(card["judge_phrases"]))
-        return ct.load_model(str(folder), device="cpu"), card, judge
-    build_organism(name, rebuild=rebuild)
-    return ct.load_model(name, device="cpu"), read_card(name), organism_judge(name)
+    else:
+        build_organism(name, rebuild=rebuild)
+        card = read_card(name)
+    # The card records the phrases its build measured with (what organism_judge reads).
+    judge = ct.SubstringJudge(tuple(card["judge_phrases"]))
+    return ct.load_model(name, device="cpu"), card, judge
 
 
 def first_words(text: str) -> str:
