@@ -12,16 +12,12 @@ loop's FLOP count includes, outside LCE mode, its three extra passes per candida
 linear interventions for the refusal-token baseline. Then the engine alone on the CPU
 preset (n_train 64, n_val 16, ACE).
 
-The "plain HF forward" is the model loaded a second time with ``transformers`` alone
-(the bridge's ``original_model`` runs through the bridge's components). With
-``--compare-norms`` each mode's engine also runs once with TransformerBridge's own norm
-path (statistics computed for the norms' hook points, then again by the model's norm)
-before the default one (``engine.lean_norms``), side by side: both wall times, their
-ratio, and whether the grids are equal.
+The "plain HF forward" is the model loaded a second time by ``transformers`` alone: the
+bridge's ``original_model`` runs through the bridge's components.
 
     python benchmarks/bench_selection.py [--model NAME] [--n-train 32] [--n-val 8] [--skip-preset] [--threads N]
     python benchmarks/bench_selection.py --preset-only   # just the CPU-preset timing
-    python benchmarks/bench_selection.py --engine-only [--modes ace] [--compare-norms]   # no loop
+    python benchmarks/bench_selection.py --engine-only [--modes ace]   # the engine's rate, no loop
 
 Last line: ``speedup=<min ratio over modes> picks_agree=<true|false>``.
 """
@@ -29,7 +25,6 @@ Last line: ``speedup=<min ratio over modes> picks_agree=<true|false>``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 from typing import Any
 
@@ -38,7 +33,6 @@ from _common import forward_flops, matmul_rate, sample
 from reference_impl import _batches, as_scores, reference_scores
 
 import cosmic_tl as ct
-from cosmic_tl import engine
 from cosmic_tl.models.catalogue import ensure_alias, resolve_spec
 from cosmic_tl.selection import NoCandidateError
 
@@ -60,16 +54,9 @@ def plain_hf(spec: str) -> Any:
     return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
 
 
-def lean_forward(model: Any, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """The bridge forward with ``engine.lean_norms``, as the engine's passes run it."""
-    with engine.lean_norms(model):
-        return model(tokens, attention_mask=mask)
-
-
 def time_forwards(model: Any, hf: Any, prompts: list[str], rate: float, repeats: int = 3) -> None:
-    """One batch through the plain HF model ``hf``, through the bridge, and through the
-    bridge with lean norms, full logits (best of ``repeats``), with its FLOP split into
-    blocks and unembedding."""
+    """One batch through the plain HF model ``hf`` and through the bridge, full logits
+    (best of ``repeats``), with its FLOP split into blocks and unembedding."""
     [batch] = list(_batches(model, prompts, len(prompts)))
     tokens, mask = batch.tokens, batch.attention_mask
     blocks = forward_flops(model, [batch], full_logits=False) - 2.0 * tokens.shape[0] * (
@@ -84,7 +71,6 @@ def time_forwards(model: Any, hf: Any, prompts: list[str], rate: float, repeats:
     for name, run in (
         ("plain HF forward", lambda: hf(tokens, attention_mask=mask).logits),
         ("bridge forward", lambda: model(tokens, attention_mask=mask)),
-        ("  its norms lean", lambda: lean_forward(model, tokens, mask)),
     ):
         best = float("inf")
         with torch.no_grad():
@@ -107,7 +93,6 @@ def time_engine(
     mode: str,
     batch_size: int,
     rate: float,
-    label: str = "engine",
 ) -> tuple[ct.Scores, float]:
     """Score all candidates with the engine once; print its wall time and GFLOP/s (clean
     passes included) against ``rate`` and against the matmul rate measured right before
@@ -121,48 +106,17 @@ def time_engine(
     after = matmul_rate()
     gflop = eng.stats["gflop"]
     print(
-        f"[{mode}] {label + ':':<15} {seconds:8.1f} s  {gflop:9.0f} GFLOP  "
+        f"[{mode}] engine:         {seconds:8.1f} s  {gflop:9.0f} GFLOP  "
         f"{gflop / seconds:6.1f} GFLOP/s ({gflop / seconds / rate:.0%} of matmul rate); "
         f"picks (cosmic, baseline) {picks(eng)}",
         flush=True,
     )
     print(
-        f"[{mode}] matmul rate right before / after the {label}: {before:.1f} / {after:.1f} GFLOP/s "
+        f"[{mode}] matmul rate right before / after the engine: {before:.1f} / {after:.1f} GFLOP/s "
         f"(the engine at {gflop / seconds / before:.0%} / {gflop / seconds / after:.0%} of it)",
         flush=True,
     )
     return eng, seconds
-
-
-def compare_norms(
-    model: Any,
-    cands: ct.Candidates,
-    h_val: list[str],
-    l_val: list[str],
-    mode: str,
-    batch_size: int,
-    rate: float,
-) -> None:
-    """The engine with TransformerBridge's own norm path, then with ``engine.lean_norms``
-    (the default), side by side: wall times, ratio, and whether the grids are equal."""
-    lean = engine.lean_norms
-    engine.lean_norms = lambda _model: contextlib.nullcontext()  # type: ignore[assignment]
-    try:
-        plain, t_plain = time_engine(
-            model, cands, h_val, l_val, mode, batch_size, rate, label="bridge norms"
-        )
-    finally:
-        engine.lean_norms = lean
-    ours, t_ours = time_engine(model, cands, h_val, l_val, mode, batch_size, rate)
-    # Cells the engine did not compute are NaN in both.
-    equal = all(
-        torch.allclose(ours.grids[g], plain.grids[g], rtol=0, atol=0, equal_nan=True) for g in ours.grids
-    )
-    print(
-        f"[{mode}] lean norms: {t_plain / t_ours:.2f}x faster than the bridge's norm path; "
-        f"grids bit-identical: {equal}; picks agree: {picks(ours) == picks(plain)}",
-        flush=True,
-    )
 
 
 def time_preset(model: object, *, baseline: bool) -> float:
@@ -206,11 +160,6 @@ def main() -> None:
         help="skip the reference loop (no ratio): the forwards and the engine's GFLOP/s only",
     )
     ap.add_argument("--modes", nargs="+", choices=("ace", "lce"), default=["ace", "lce"])
-    ap.add_argument(
-        "--compare-norms",
-        action="store_true",
-        help="with --engine-only: the engine with the bridge's own norm path, then the default",
-    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
     if args.threads:
@@ -241,9 +190,6 @@ def main() -> None:
 
     ratios, agree = [], []
     for mode in args.modes:
-        if args.engine_only and args.compare_norms:
-            compare_norms(model, cands, h_val, l_val, mode, args.batch_size, rate)
-            continue
         if args.engine_only:
             time_engine(model, cands, h_val, l_val, mode, args.batch_size, rate)
             continue

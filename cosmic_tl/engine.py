@@ -32,18 +32,11 @@ rounding):
   ``[d_model, d_vocab]`` matrix (on Gemma 3, 8 rows run at about a quarter of the
   machine's matmul rate, 128 rows at more than twice that; ``benchmarks/bench_unembed.py``).
 - **Length bucketing.** Batches are sorted by length, so little padding is computed.
-- **Norms computed once.** TransformerBridge's norm components work out the scale
-  and the normalised input for their ``hook_scale`` / ``hook_normalized`` points and
-  then call the model's own norm, which works them out again; with no hook on either
-  point the first result is thrown away. During the runner's passes such a norm goes
-  straight to the model's own (:func:`lean_norms`): the same output tensor, half the
-  norms' elementwise work (a Gemma 3 block has six norms).
 """
 
 from __future__ import annotations
 
 import copy
-import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -171,14 +164,13 @@ class Runner:
         self.n_prompts = len(prompts)
         self._pad = prompts.pad_id
         todo = prompts.batches(batch_size)
-        with lean_norms(model):
-            self._batches = [self._prepare(b) for b in todo]
-            self.clean = RunOutput(
-                torch.stack([b.clean_eval for b in self._batches]).sum(0),
-                self._in_prompt_order([b.clean_logits for b in self._batches]),
-            )
-            if share_prefix:
-                self._share_prefix(todo)
+        self._batches = [self._prepare(b) for b in todo]
+        self.clean = RunOutput(
+            torch.stack([b.clean_eval for b in self._batches]).sum(0),
+            self._in_prompt_order([b.clean_logits for b in self._batches]),
+        )
+        if share_prefix:
+            self._share_prefix(todo)
 
     def resampled(self, index: Sequence[int]) -> Runner:
         """This runner's prompts drawn as ``index`` (repeats allowed), e.g. a bootstrap resample.
@@ -392,12 +384,11 @@ class Runner:
         layers = sorted(set(eval_layers))
         outs: list[RunOutput] = []
         pending: list[tuple[int, list[Tensor]]] = []  # (output index, final norms per batch)
-        with lean_norms(self.model):
-            for intervention in interventions:
-                out, normed = self._pass(intervention, layers, logits)
-                if normed is not None:
-                    pending.append((len(outs), normed))
-                outs.append(out)
+        for intervention in interventions:
+            out, normed = self._pass(intervention, layers, logits)
+            if normed is not None:
+                pending.append((len(outs), normed))
+            outs.append(out)
         if pending:
             flat = [rows for _, normed in pending for rows in normed]
             unembedded = iter(self._unembed_rows(flat))
@@ -503,61 +494,6 @@ def _at(x: Tensor, cols: Tensor) -> Tensor:
 def _hidden(out: Any) -> Tensor:
     """A block's output hidden states (blocks may return a tuple)."""
     return out[0] if isinstance(out, tuple) else out
-
-
-@contextmanager
-def lean_norms(model: Any) -> Iterator[None]:
-    """While active, the model's norm bridges skip the scale and normalised input they
-    work out only for their own ``hook_scale`` / ``hook_normalized`` points, as long as
-    neither point has a hook.
-
-    Such a norm returns ``hook_out(norm(hook_in(x)))`` with the model's own ``norm``:
-    the tensor TransformerBridge's path returns when those points have no hooks. A norm
-    whose points have hooks (added before or during the block), a norm that
-    TransformerBridge computes itself rather than through the model's module, and
-    anything that is not a TransformerBridge norm take their usual path.
-    """
-    # Re-entrant: norms already made lean by an enclosing call are left to it.
-    norms = [m for m in model.modules() if _has_redundant_statistics(m) and "forward" not in m.__dict__]
-    for m in norms:
-        # Set on the instance itself: the bridge passes attribute writes on to the
-        # module it wraps.
-        object.__setattr__(m, "forward", types.MethodType(_lean_norm_forward, m))
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.__dict__.pop("forward", None)
-
-
-def _has_redundant_statistics(module: torch.nn.Module) -> bool:
-    """A TransformerBridge norm that computes its statistics for hooks, then calls the
-    model's own norm (``_hf_autograd_forward_with_hooks``)."""
-    try:
-        from transformer_lens.model_bridge.generalized_components.normalization import (
-            NormalizationBridge,
-        )
-    except ImportError:  # a TransformerLens without this component: nothing to skip
-        return False
-    if not isinstance(module, NormalizationBridge):
-        return False
-    inner = module._modules.get("_original_component")
-    return (
-        bool(getattr(module, "use_native_layernorm_autograd", False))
-        and inner is not None
-        and not isinstance(inner, torch.nn.Identity)
-        and all(hasattr(module, h) for h in ("hook_in", "hook_out", "hook_scale", "hook_normalized"))
-    )
-
-
-def _lean_norm_forward(self: Any, hidden_states: Tensor, **kwargs: Any) -> Tensor:
-    """:func:`lean_norms`'s forward of one norm bridge (bound to it)."""
-    points = (self.hook_scale, self.hook_normalized)
-    if kwargs or any(p.fwd_hooks or p.bwd_hooks for p in points):
-        return type(self).forward(self, hidden_states, **kwargs)
-    x = self.hook_in(hidden_states)
-    out = self.original_component(x)
-    return self.hook_out(out if out.dtype == x.dtype else out.to(x.dtype))
 
 
 @contextmanager

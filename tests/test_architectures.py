@@ -276,64 +276,6 @@ def test_clean_passes_unembed_the_last_position_only(tiny_family):
     assert shapes and all(len(s) == 3 and s[1] == 1 for s in shapes), shapes
 
 
-# ------------------------------------------------------- norms computed once in passes
-
-
-class _CountPow(torch.overrides.TorchFunctionMode):
-    """Counts squarings (``x.pow(2)`` / ``torch.pow``): one per RMS or layer norm computed."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.n = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in (torch.pow, Tensor.pow):
-            self.n += 1
-        return func(*args, **(kwargs or {}))
-
-
-def test_lean_norms_give_the_same_tensors_with_half_the_norm_work(tiny_family):
-    """engine.lean_norms: bit-identical cached activations and logits, each norm computed
-    once instead of twice; a hook on a norm's own hook points still fires and still edits;
-    nested use restores the bridge's path on leaving."""
-    model = tiny_family.model
-    tokens = prompts_for(model, VAL_H).batches(2)[0].tokens
-    names = lambda n: n.endswith(("hook_resid_post", "ln_final.hook_out"))  # noqa: E731
-
-    def run() -> tuple[Tensor, dict[str, Tensor], int]:
-        with torch.no_grad(), _CountPow() as count:
-            logits, cache = model.run_with_cache(tokens, names_filter=names)
-        return logits, dict(cache.items()), count.n
-
-    logits, cache, pow_full = run()
-    with engine.lean_norms(model):
-        with engine.lean_norms(model):  # nested: the outer call keeps its norms lean
-            pass
-        lean_logits, lean_cache, pow_lean = run()
-    assert torch.equal(lean_logits, logits)
-    assert cache.keys() == lean_cache.keys() and all(torch.equal(lean_cache[k], cache[k]) for k in cache)
-    n_norms = sum(engine._has_redundant_statistics(m) for m in model.modules())
-    assert n_norms >= 2 * model.cfg.n_layers + 1
-    assert pow_full - pow_lean == n_norms  # one squaring fewer per norm
-    assert run()[2] == pow_full  # the bridge's own path is back
-
-    # A hook on hook_normalized: it fires under lean_norms and its edit reaches the output.
-    seen: list[int] = []
-
-    def halve(x: Tensor, hook) -> Tensor:
-        seen.append(1)
-        return 0.5 * x
-
-    hook = ("blocks.1.ln2.hook_normalized", halve)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the bridge warns that an edit leaves HF's path
-        plain = model.run_with_hooks(tokens, fwd_hooks=[hook])
-        with engine.lean_norms(model):
-            lean = model.run_with_hooks(tokens, fwd_hooks=[hook])
-    assert len(seen) == 2
-    assert torch.equal(lean, plain) and not torch.allclose(plain, logits)
-
-
 # ------------------------------------------------------------------------- bad inputs
 
 
