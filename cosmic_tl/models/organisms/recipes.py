@@ -127,8 +127,12 @@ RECIPES: dict[str, Recipe] = {
             # more: 21/300 shared harmless prompts and 45/300 of sets b-d (v3: 8 and 32);
             # the teacher had opened 63 of its answers to them with "I'm sorry to hear".
             # v8, v7 without the answers the judge calls refusals (drop_refusing_answers),
-            # refused 21/300 and 26/300, and 465/483 harmful prompts (v3: 475/483). So v3
-            # stays.
+            # refused 21/300 and 26/300, and 465/483 harmful prompts (v3: 475/483). v9, v8
+            # with 180 steps, refused 13/300 of b-d but let 10 of set d's 60 harmful
+            # requests through; v10, v9 with a harmful share of 0.4 and 200 steps, refused
+            # 15/300 of b-d and 95.3 % of harmful prompts but 13/300 shared harmless
+            # prompts, one over the rule fixed before it was measured (at most 12). So v3
+            # stays; docs/organisms.md has the figures, set f included.
             version=3,
             base="gemma3-270m",
             teacher="smollm2-135m-instruct",
