@@ -33,7 +33,6 @@ from _common import forward_flops, matmul_rate, sample
 from reference_impl import _batches, as_scores, reference_scores
 
 import cosmic_tl as ct
-from cosmic_tl.models.catalogue import ensure_alias, resolve_spec
 from cosmic_tl.selection import NoCandidateError
 
 
@@ -45,12 +44,12 @@ def picks(scores: ct.Scores) -> tuple[object, object]:
     return cosmic, ct.select_refusal_tokens(scores).pick
 
 
-def plain_hf(spec: str) -> Any:
-    """The model loaded by ``transformers`` alone, in float32 eval mode (no bridge)."""
+def plain_hf(model: Any) -> Any:
+    """The bridge's model loaded again by ``transformers`` alone, from the directory or
+    hub name the bridge booted (float32, eval mode)."""
     from transformers import AutoModelForCausalLM
 
-    kind, name = resolve_spec(spec)
-    source = str(ensure_alias(name)) if kind == "alias" else name
+    source = model.original_model.config.name_or_path
     return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
 
 
@@ -175,7 +174,7 @@ def main() -> None:
         return
     h_tr, l_tr = (sample(k, "train", args.n_train, args.seed) for k in ("harmful", "harmless"))
     h_val, l_val = (sample(k, "val", args.n_val, args.seed) for k in ("harmful", "harmless"))
-    time_forwards(model, plain_hf(args.model), h_val, rate)
+    time_forwards(model, plain_hf(model), h_val, rate)
     cands = ct.compute_candidates(model, h_tr, l_tr, batch_size=args.batch_size, progress=False)
     k, n = cands.directions.shape[:2]
     token_ids = ct.encode_refusal_tokens(model.tokenizer, ct.default_refusal_tokens(args.model))
