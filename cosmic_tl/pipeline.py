@@ -199,7 +199,12 @@ class Pipeline:
     def model(self) -> Any:
         if self._model is None:
             self.say(f"loading model {self.cfg.model} ...")
-            model = load_model(self.cfg.model, device=self.cfg.device, dtype=torch_dtype(self.cfg.dtype))
+            model = load_model(
+                self.cfg.model,
+                device=self.cfg.device,
+                dtype=torch_dtype(self.cfg.dtype),
+                progress=self.progress,
+            )
             fmt: str = self.cfg.prompt_format
             if fmt == "auto":
                 fmt = published_format_for(model_id(model))

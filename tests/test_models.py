@@ -173,3 +173,19 @@ def test_no_import_circle_reachable_from_models():
 
     visit("cosmic_tl.models", ())
     assert {"cosmic_tl.models.catalogue", "cosmic_tl.models.organisms.builder"} <= done
+
+
+def test_boot_hides_loading_bars_only_when_asked(
+    tiny_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    from transformers.utils import logging as hf_logging
+
+    from cosmic_tl.models.boot import boot
+
+    boot(tiny_dir, device="cpu", progress=True)
+    shown = capfd.readouterr().err
+    boot(tiny_dir, device="cpu", progress=False)
+    hidden = capfd.readouterr().err
+    assert "Loading weights" in shown  # transformers' own bar, shown by default
+    assert "Loading weights" not in hidden
+    assert hf_logging.is_progress_bar_enabled()  # the global switch is put back

@@ -166,19 +166,27 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device_map: str | dict[str, str | int] | None = None,
     n_devices: int | None = None,
+    progress: bool = True,
 ) -> Any:
     """Boot ``spec`` as a ``TransformerBridge`` in eval mode.
 
     >>> model = load_model("smollm2-135m-instruct")          # doctest: +SKIP
     >>> model = load_model("meta-llama/Llama-3.1-8B-Instruct", device_map="auto")  # doctest: +SKIP
 
-    ``device_map`` / ``n_devices`` split large models over several GPUs.
+    ``device_map`` / ``n_devices`` split large models over several GPUs;
+    ``progress=False`` hides the loading progress bars.
     """
     kind, name = resolve_spec(spec)
     source = str(ensure_alias(name)) if kind == "alias" else name
     try:
         return boot(
-            source, name=name, device=device, dtype=dtype, device_map=device_map, n_devices=n_devices
+            source,
+            name=name,
+            device=device,
+            dtype=dtype,
+            device_map=device_map,
+            n_devices=n_devices,
+            progress=progress,
         )
     except OSError as err:
         if kind == "hub":
