@@ -317,8 +317,14 @@ def test_export_command_writes_gguf_and_prints_the_llama_cpp_command(tiny_dir, t
     cv = run / "gguf" / "control-vector.gguf"
     assert cv.is_file()
     assert f"--control-vector-scaled {cv} 2 --control-vector-layer-range 2 2" in caplog.text
+    assert "was not written: add --parts original" in caplog.text  # the command's model file
     assert cli.main(argv) == 2 and "exists" in caplog.records[-1].getMessage()
     assert cli.main([*argv, "--force"]) == 0
+    caplog.clear()
+    assert cli.main(["export", str(run), "--format", "gguf", "--parts", "original", "--force"]) == 0
+    assert cli.main([*argv, "--force"]) == 0
+    assert (run / "gguf" / "model-f16.gguf").is_file()
+    assert "was not written" not in caplog.text  # the unedited model is there now
 
 
 @pytest.mark.parametrize(
