@@ -8,9 +8,10 @@ blocks and final norm, no unembedding), their GFLOP/s (``2 × tokens × block we
 layers``) and the share of the matmul rate measured before and after. With
 ``--compile``, the same with every decoder layer wrapped in ``torch.compile`` (fusing
 the blocks' elementwise work), its speed ratio and the largest difference of the
-output from the uncompiled one.
+output from the uncompiled one; ``--compile attention`` compiles each layer's attention
+module only (its q/k norms, rotary embeddings, key/value repeats and softmax).
 
-    python benchmarks/bench_blocks.py [--model gemma3-270m] [--shapes 8x24 8x36 32x36] [--compile]
+    python benchmarks/bench_blocks.py [--model gemma3-270m] [--shapes 8x24 8x36 32x36] [--compile layers|attention]
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from cosmic_tl.models import ensure_alias
 def blocks_seconds(decoder: Any, ids: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:
     """Best-of-``repeats`` wall time of one decoder forward, and its output."""
     with torch.no_grad():
-        out = decoder(input_ids=ids).last_hidden_state  # also the warm-up (and compilation)
+        # The first call is the warm-up (and the compilation); no KV cache is built.
+        out = decoder(input_ids=ids, use_cache=False).last_hidden_state
         best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
-            decoder(input_ids=ids)
+            decoder(input_ids=ids, use_cache=False)
             best = min(best, time.perf_counter() - t0)
     return best, out
 
@@ -44,9 +46,16 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["8x24", "8x36", "16x24", "32x36"])
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd layers")
+    ap.add_argument(
+        "--compile",
+        choices=("layers", "attention"),
+        default=None,
+        help="also time each decoder layer, or only its attention, wrapped in torch.compile",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    # Every layer shares its forward's code: let each layer and shape have its own graph.
+    torch._dynamo.config.recompile_limit = 1024
     source = ensure_alias(args.model) if "/" not in args.model else args.model
     hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     decoder = hf.get_decoder()
@@ -69,16 +78,17 @@ def main() -> None:
             f"({gflop / eager / before:.0%} of matmul rate)"
         )
         if args.compile:
-            plain = [layer.forward for layer in layers]
-            for layer in layers:
-                layer.forward = torch.compile(layer.forward, dynamic=False)
+            mods = [layer if args.compile == "layers" else layer.self_attn for layer in layers]
+            plain = [m.forward for m in mods]
+            for m in mods:
+                m.forward = torch.compile(m.forward, dynamic=False)
             try:
                 fused, out_c = blocks_seconds(decoder, ids, args.repeats)
             finally:
-                for layer, forward in zip(layers, plain, strict=True):
-                    layer.forward = forward
+                for m, forward in zip(mods, plain, strict=True):
+                    m.forward = forward
             line += (
-                f"; compiled {fused * 1e3:7.1f} ms, {eager / fused:.2f}x, "
+                f"; {args.compile} compiled {fused * 1e3:7.1f} ms, {eager / fused:.2f}x, "
                 f"max |diff| {float((out - out_c).abs().max()):.1e}"
             )
         print(line, flush=True)
