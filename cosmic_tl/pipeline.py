@@ -147,6 +147,11 @@ def filter_by_refusal_score(
     return kept[0], kept[1]
 
 
+def _num(x: float | None) -> str:
+    """A score for a progress line: three decimals, or "none"."""
+    return "none" if x is None else f"{x:.3f}"
+
+
 def _saved_resample(path: Path, key: str) -> Resample | None:
     """The resample saved at ``path`` if it was computed with ``key``, else None."""
     try:
@@ -563,8 +568,8 @@ class Pipeline:
                         "taken among those; a run with --full-grids ranks them all"
                     )
                 self.say(
-                    f"[audit] {m}: pick {s.pick} behaviour {s.pick_score}, best {s.best} "
-                    f"{s.best_score}, regret {s.regret}, Spearman {s.spearman}"
+                    f"[audit] {m}: pick {s.pick} behaviour {_num(s.pick_score)}, best {s.best} "
+                    f"{_num(s.best_score)}, regret {_num(s.regret)}, Spearman {_num(s.spearman)}"
                 )
             return {"candidates": len(result.rows), "wall_seconds": round(seconds, 2)}
 

@@ -7,6 +7,7 @@ import dataclasses
 import importlib
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -359,6 +360,9 @@ def test_audit_command_is_a_resumable_stage_and_a_report_section(tiny_dir, tmp_p
     assert "audit" in json.loads(run.stages.read_text())
     assert not run.audit_parts.exists()  # the finished record holds everything
     assert "candidates in" in caplog.text and "wall time" in caplog.text
+    summary = re.compile(r"Spearman (none|-?\d\.\d{3})$")  # rounded for reading
+    lines = [r.getMessage() for r in caplog.records if "Spearman" in r.getMessage()]
+    assert len(lines) == len(result.methods) and all(summary.search(x) for x in lines), lines
     html = run.report.read_text()
     assert "Audit (behaviour of many candidates)" in html and "fig-audit_heatmap" in html
     metrics = RunMetrics.load(run.metrics)
