@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -96,7 +95,8 @@ def render(dir_: RunDir, cfg: Config) -> str:
                 summary.append(
                     (f"COSMIC vs {label}: rank of {who} under {score}'s score", f"{c[key]} of {among}")
                 )
-    summary.append(("stage timings (s)", _esc(json.dumps(dir_.timings()))))
+    timings = ", ".join(f"{stage} {seconds:.1f}" for stage, seconds in dir_.timings().items())
+    summary.append(("stage timings (s)", _esc(timings or "–")))
     parts.append("<h2>Summary</h2>" + _table(summary))
     if metrics is not None:
         rows = [
@@ -112,7 +112,7 @@ def render(dir_: RunDir, cfg: Config) -> str:
                 (f"{method}: refusal on harmful, direction ablated", _rate(m.harmful_ablated)),
                 (f"{method}: attack success rate", _rate(m.attack_success)),
                 (f"{method}: refusal on harmless, direction added", _rate(m.harmless_added)),
-                (f"{method}: KL on harmless", _esc(m.kl)),
+                (f"{method}: KL on harmless", "–" if m.kl is None else f"{m.kl:.4f}"),
             ]
         parts.append("<h2>Evaluation (refusal rates, Wilson 95% intervals)</h2>" + _table(rows))
     audit = _load(dir_.audit, Audit)

@@ -65,6 +65,11 @@ def test_run_writes_every_artifact(first_run):
     assert not list(first_run.rglob("*.tmp"))
     metrics = json.loads((first_run / "metrics.json").read_text())
     assert metrics["cosmic"]["found"] and metrics["harmful, no intervention"]["n"] == 2
+    report = (first_run / "report.html").read_text()
+    kl = metrics["cosmic"]["KL"]
+    assert f"<th>cosmic: KL on harmless</th><td>{kl:.4f}</td>" in report  # rounded for reading
+    stages = _stages(first_run)
+    assert "candidates " + f"{stages['candidates']['seconds']:.1f}" in report
     cfg = Config.from_dict(json.loads((first_run / "config.json").read_text()))
     assert cfg.n_train == 4 and cfg.selection.kl_threshold == 1e9
 
