@@ -24,7 +24,7 @@ import torch
 from _common import matmul_rate
 from transformers import AutoModelForCausalLM
 
-from cosmic_tl.models import ensure_alias
+from cosmic_tl.models import ensure_alias, resolve_spec
 
 
 def blocks_seconds(decoder: Any, ids: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:
@@ -42,7 +42,7 @@ def blocks_seconds(decoder: Any, ids: torch.Tensor, repeats: int) -> tuple[float
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="gemma3-270m", help="alias or local HF directory")
+    ap.add_argument("--model", default="gemma3-270m", help="alias, local HF directory or hub name")
     ap.add_argument("--shapes", nargs="+", default=["8x24", "8x36", "16x24", "32x36"])
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
@@ -56,7 +56,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     # Every layer shares its forward's code: let each layer and shape have its own graph.
     torch._dynamo.config.recompile_limit = 1024
-    source = ensure_alias(args.model) if "/" not in args.model else args.model
+    kind, name = resolve_spec(args.model)
+    source = ensure_alias(name) if kind == "alias" else name
     hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
     decoder = hf.get_decoder()
     layers = decoder.layers

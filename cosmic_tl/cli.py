@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cosmic_tl.config import BASELINE_METHODS, PRESETS, Config, SelectionSettings, check_device, preset
-from cosmic_tl.gguf_export import GGUF_PARTS, gguf_file_names
+from cosmic_tl.gguf_export import GGUF_PARTS
 
 STAGE_COMMANDS = {
     "candidates": "candidates",
@@ -301,8 +301,8 @@ def _export(ns: argparse.Namespace, say: Any) -> int:
         say(f"saved {part}: {path}")
     if done.command:
         say(f"add alpha*r at the input of block {layer} in llama.cpp: {done.command}")
-        unedited = Path(ns.to or run.root / "gguf") / gguf_file_names(ns.type)["original"]
-        if not unedited.is_file():
+        unedited = done.command_model
+        if unedited is not None and not unedited.is_file():
             say(
                 f"(the command's {unedited.name}, the unedited model, was not written: add --parts original)"
             )

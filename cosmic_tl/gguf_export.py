@@ -476,11 +476,13 @@ GGUF_PARTS: tuple[GGUFPart, ...] = ("edited", "original", "control-vector")
 
 @dataclass(frozen=True)
 class GGUFExport:
-    """What :func:`export_gguf` wrote: ``files`` by part, and the llama.cpp command line
-    that applies the control vector (``None`` without one)."""
+    """What :func:`export_gguf` wrote: ``files`` by part, the llama.cpp command line
+    that applies the control vector and the model file that command runs (both ``None``
+    without a control vector; the model file is written only with the ``"original"`` part)."""
 
     files: dict[GGUFPart, Path]
     command: str | None
+    command_model: Path | None = None
 
 
 def gguf_file_names(type: GGUFType) -> dict[GGUFPart, str]:
@@ -524,7 +526,7 @@ def export_gguf(
     files = {p: directory / names[p] for p in GGUF_PARTS if p in parts}
     for path in files.values():
         _target(path, force)
-    command = None
+    command = base = None
     if "control-vector" in files:
         control_vector_slot(layer, n_layers)
         if mode == "ace" and not linear:
@@ -549,4 +551,4 @@ def export_gguf(
         command = control_vector_command(
             base, files["control-vector"], layer=layer, n_layers=n_layers, alpha=alpha
         )
-    return GGUFExport(files=dict(files), command=command)
+    return GGUFExport(files=dict(files), command=command, command_model=base)

@@ -69,7 +69,7 @@ def test_run_writes_every_artifact(first_run):
     kl = metrics["cosmic"]["KL"]
     assert f"<th>cosmic: KL on harmless</th><td>{kl:.4f}</td>" in report  # rounded for reading
     stages = _stages(first_run)
-    assert "candidates " + f"{stages['candidates']['seconds']:.1f}" in report
+    assert f"candidates {stages['candidates']['seconds']:.1f}" in report
     cfg = Config.from_dict(json.loads((first_run / "config.json").read_text()))
     assert cfg.n_train == 4 and cfg.selection.kl_threshold == 1e9
 
