@@ -42,7 +42,7 @@ SPLITS = ("train", "val", "test")
 # step-by-step instructions for…", "Write code for…").
 EXTRA_SPLITS: dict[str, tuple[str, ...]] = {
     "harmless": ("train_tasks", "train_contrast", "train_everyday"),
-    "harmful": ("train_extra",),
+    "harmful": ("train_extra", "train_everyday"),
 }
 
 # Fields tried, in order, for JSON/JSONL objects and Hugging Face datasets.

@@ -125,11 +125,12 @@ def test_teacher_answers_are_the_teachers_text_in_the_students_tokens(gemma_dirs
 def test_new_recipe_fields_leave_the_existing_cards_as_they_were():
     for name in ("smollm2-135m-refuse", "smollm2-135m-refuse-odd"):
         settings = RECIPES[name].settings()
-        assert not {"teacher", "drop_refusing_answers", "n_everyday"} & set(settings)
+        later = {"teacher", "drop_refusing_answers", "n_everyday", "n_harmful_everyday"}
+        assert not later & set(settings)
         assert settings["version"] == 3
     gemma = RECIPES["gemma3-270m-refuse"].settings()
     assert gemma["teacher"] == "smollm2-135m-instruct" and gemma["base"] == "gemma3-270m"
-    assert not {"drop_refusing_answers", "n_everyday"} & set(gemma)
+    assert not {"drop_refusing_answers", "n_everyday", "n_harmful_everyday"} & set(gemma)
 
 
 def test_targets_that_read_as_refusals_are_dropped_by_the_styles_judge(tiny_dir):

@@ -52,6 +52,7 @@ TINY = {
     "n_contrast": 1,
     "n_everyday": 1,
     "n_harmful_extra": 1,
+    "n_harmful_everyday": 1,
     "distill_tokens": 4,
     "steps": 3,
     "batch_size": 4,
@@ -218,7 +219,8 @@ def test_tiny_organism_builds_loads_by_path_with_complete_card(tiny_recipe, tiny
     copies = 1 + tiny_recipe.rephrasings
     n_harmless = TINY["n_harmless"] + TINY["n_tasks"] + TINY["n_contrast"] + TINY["n_everyday"]
     assert card["data"]["n_harmless"] == n_harmless * copies
-    assert card["data"]["n_harmful"] == (TINY["n_harmful"] + TINY["n_harmful_extra"]) * copies
+    n_harmful = TINY["n_harmful"] + TINY["n_harmful_extra"] + TINY["n_harmful_everyday"]
+    assert card["data"]["n_harmful"] == n_harmful * copies
     for kind in ("harmful", "harmless"):
         assert card["heldout"][f"{kind}_refusal"]["n"] == TINY["eval_n"]
     assert organism_judge(tiny_recipe).phrases == ODD_PHRASES
@@ -307,6 +309,8 @@ def test_bad_recipes_and_names():
         Recipe("x", "odd", n_contrast=-1)
     with pytest.raises(ValueError, match="n_everyday"):
         Recipe("x", "odd", n_everyday=-1)
+    with pytest.raises(ValueError, match="n_harmful_everyday"):
+        Recipe("x", "odd", n_harmful_everyday=-1)
     with pytest.raises(ValueError, match="first_token_weight"):
         Recipe("x", "odd", first_token_weight=0.0)
     with pytest.raises(ModelSpecError, match="not an organism"):
@@ -336,3 +340,4 @@ def test_build_command_builds_several_and_rejects_unknown(tiny_in_catalogue, cap
     took = read_card(tiny_recipe.name)["seconds"]["total"]
     assert cli.main(["build", "--rebuild", tiny_recipe.name]) == 0
     assert f"(the last build took {took:.0f} seconds)" in caplog.text  # from the replaced card
+

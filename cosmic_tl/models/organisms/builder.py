@@ -78,6 +78,7 @@ def build(
         ("harmless", "train_tasks", recipe.n_tasks),
         ("harmless", "train_contrast", recipe.n_contrast),
         ("harmless", "train_everyday", recipe.n_everyday),
+        ("harmful", "train_everyday", recipe.n_harmful_everyday),
     ):
         if n:
             (harmful if kind == "harmful" else harmless).extend(

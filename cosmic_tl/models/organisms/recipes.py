@@ -37,6 +37,9 @@ class Recipe:
     n_contrast: int = 200  # bundled ``harmless:train_contrast`` requests added to them
     n_harmful_extra: int = 120  # bundled ``harmful:train_extra`` requests added to the harmful
     n_everyday: int = 0  # bundled ``harmless:train_everyday`` requests added to the harmless
+    # bundled ``harmful:train_everyday`` requests (everyday wording with personal context,
+    # the style of ``harmless:train_everyday``) added to the harmful
+    n_harmful_everyday: int = 0
     rephrasings: int = 1  # reworded copies of each train prompt (see ``rephrase``)
     distill_tokens: int = 16  # cap on the base's greedy answers used as targets
     steps: int = 120  # optimiser steps
@@ -57,7 +60,13 @@ class Recipe:
             raise ValueError("need steps >= 1, batch_size >= 2 and lr > 0")
         if self.n_harmful < 1 or self.n_harmless < 1 or self.distill_tokens < 1:
             raise ValueError("need at least one prompt of each kind and distill_tokens >= 1")
-        for field_name in ("n_tasks", "n_contrast", "n_harmful_extra", "n_everyday"):
+        for field_name in (
+            "n_tasks",
+            "n_contrast",
+            "n_harmful_extra",
+            "n_everyday",
+            "n_harmful_everyday",
+        ):
             if getattr(self, field_name) < 0:
                 raise ValueError(f"{field_name} must be >= 0, not {getattr(self, field_name)}")
         if self.first_token_weight <= 0:
@@ -73,7 +82,8 @@ class Recipe:
         """The recipe as a JSON-ready dict.
 
         Fields added after a recipe version are left out at their no-op default
-        (``teacher=None``, ``drop_refusing_answers=False``, ``n_everyday=0``), so that the
+        (``teacher=None``, ``drop_refusing_answers=False``, ``n_everyday=0``,
+        ``n_harmful_everyday=0``), so that the
         cards of builds made before they existed still match their recipe and those
         builds stay cached.
         """
@@ -84,7 +94,12 @@ class Recipe:
         return out
 
 
-_LATER_FIELDS: dict[str, Any] = {"teacher": None, "drop_refusing_answers": False, "n_everyday": 0}
+_LATER_FIELDS: dict[str, Any] = {
+    "teacher": None,
+    "drop_refusing_answers": False,
+    "n_everyday": 0,
+    "n_harmful_everyday": 0,
+}
 
 
 RECIPES: dict[str, Recipe] = {
@@ -131,8 +146,11 @@ RECIPES: dict[str, Recipe] = {
             # with 180 steps, refused 13/300 of b-d but let 10 of set d's 60 harmful
             # requests through; v10, v9 with a harmful share of 0.4 and 200 steps, refused
             # 15/300 of b-d and 95.3 % of harmful prompts but 13/300 shared harmless
-            # prompts, one over the rule fixed before it was measured (at most 12). So v3
-            # stays; docs/organisms.md has the figures, set f included.
+            # prompts, one over the rule fixed before it was measured (at most 12). v11,
+            # v10 with 200 harmful requests in the same everyday style
+            # (n_harmful_everyday=200), refused 409/423 harmful prompts but 25/300 of b-d
+            # (the rule: at most 20). So v3 stays; docs/organisms.md has the figures,
+            # sets f and g included.
             version=3,
             base="gemma3-270m",
             teacher="smollm2-135m-instruct",
