@@ -172,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="build model aliases (e.g. the organisms) into the cache")
     b.add_argument("aliases", nargs="+", metavar="alias")
     b.add_argument("--rebuild", action="store_true")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
 
 
@@ -211,7 +212,8 @@ def _dispatch(ns: argparse.Namespace, say: Any) -> int:
         for alias in ns.aliases:
             if ns.rebuild or not models.is_cached(alias):
                 say(f"building {alias}{_build_time(known[alias])} ...")
-            say(f"built: {models.ensure_alias(alias, rebuild=ns.rebuild)}")
+            path = models.ensure_alias(alias, rebuild=ns.rebuild, progress=not ns.quiet)
+            say(f"built: {path}")
         return 0
     from cosmic_tl.pipeline import Pipeline
     from cosmic_tl.rundir import RunDir

@@ -42,6 +42,22 @@ def test_alias_builds_once_and_detects_corruption(fake_alias):
     assert models.read_card("fake-model") == {"recipe": "fake"}
 
 
+def test_build_is_told_whether_to_show_progress(fake_alias, tmp_path):
+    seen = []
+
+    def build(out, *, progress=True):
+        seen.append(progress)
+        (out / "config.json").write_text("{}")
+        return {}
+
+    ensure(Alias("quiet-model", "for tests", build), progress=False)
+    ensure(Alias("loud-model", "for tests", build))
+    assert seen == [False, True]
+    alias, calls = fake_alias  # a build callable without the keyword works as before
+    ensure(alias, progress=False)
+    assert len(calls) == 1
+
+
 def test_interrupted_build_leaves_nothing(monkeypatch, tmp_path):
     monkeypatch.setenv("COSMIC_TL_CACHE", str(tmp_path / "cache"))
 

@@ -341,3 +341,16 @@ def test_build_command_builds_several_and_rejects_unknown(tiny_in_catalogue, cap
     assert cli.main(["build", "--rebuild", tiny_recipe.name]) == 0
     assert f"(the last build took {took:.0f} seconds)" in caplog.text  # from the replaced card
 
+
+def test_build_command_quiet_hides_the_builds_bars(tiny_in_catalogue, capfd, caplog):
+    from cosmic_tl import cli
+
+    caplog.set_level("INFO", logger="cosmic_tl")
+    name = tiny_in_catalogue.name
+    assert cli.main(["build", "--quiet", name]) == 0
+    quiet = capfd.readouterr().err
+    assert cli.main(["build", "--rebuild", name]) == 0
+    loud = capfd.readouterr().err
+    assert f"train {name}" in loud  # the training bar, shown by default
+    assert f"train {name}" not in quiet and "Loading weights" not in quiet
+    assert f"built: {alias_dir(name)}" in caplog.text  # the result is still said

@@ -16,6 +16,7 @@ Functions here take :class:`Alias` objects; which names exist is the business of
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -44,7 +45,9 @@ class Alias:
 
     name: str
     description: str
-    build: Callable[[Path], dict[str, Any]]  # writes a HF directory, returns card info
+    # Writes a HF directory and returns card info. A callable that also takes a
+    # ``progress`` keyword is told whether to show its progress bars.
+    build: Callable[..., dict[str, Any]]
     base: str | None = None  # alias or directory this one is derived from (organisms)
     recipe: dict[str, Any] | None = None  # what the build depends on; a cached card must match
     build_seconds: float | None = None  # a measured build time, announced before a build
@@ -96,11 +99,22 @@ def _valid_entry(path: Path) -> bool:
     return all((path / f).is_file() and (path / f).stat().st_size == size for f, size in files.items())
 
 
-def ensure(alias: Alias, *, rebuild: bool = False) -> Path:
+def _run_build(build: Callable[..., dict[str, Any]], out: Path, progress: bool) -> dict[str, Any]:
+    """``build(out)``, with ``progress=`` when the callable takes that keyword."""
+    try:
+        takes = "progress" in inspect.signature(build).parameters
+    except (TypeError, ValueError):  # a callable without an inspectable signature
+        takes = False
+    return build(out, progress=progress) if takes else build(out)
+
+
+def ensure(alias: Alias, *, rebuild: bool = False, progress: bool = True) -> Path:
     """Materialise ``alias`` in the cache if needed and return its directory.
 
     The build writes into a temporary sibling folder which is renamed into place
     only once complete, so an interrupted build never leaves a usable-looking entry.
+    ``progress`` is passed on to a build callable that takes that keyword (the
+    built-in ones then show no progress bars); other callables are called as before.
     """
     name = alias.name
     target = alias_dir(name)
@@ -120,7 +134,7 @@ def ensure(alias: Alias, *, rebuild: bool = False) -> Path:
             f"cannot write the model cache at {parent} ({err}); set {CACHE_ENV} to a writable directory"
         ) from err
     try:
-        card = alias.build(tmp)
+        card = _run_build(alias.build, tmp, progress)
         files = {
             str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
         }

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from cosmic_tl.evaluation import SubstringJudge
-from cosmic_tl.models.boot import ModelSpecError, boot
+from cosmic_tl.models.boot import ModelSpecError, _loading_bars, boot
 from cosmic_tl.models.cache import Alias, cache_dir, ensure, is_built, read_card
 from cosmic_tl.models.organisms import RECIPES, Recipe, build, judge_phrases
 from cosmic_tl.models.stock import build_gemma3, build_smollm2
@@ -71,26 +71,28 @@ def organism_alias(recipe: Recipe, *, build_seconds: float | None = None) -> Ali
     )
 
 
-def _build_organism(recipe: Recipe, out: Path) -> dict[str, Any]:
-    base_dir, base_card = _base_of(recipe.base)
-    if recipe.teacher is None:
-        return build(recipe, out, base_dir, base_card)
-    teacher_dir, teacher_card = _base_of(recipe.teacher)
-    return build(
-        recipe,
-        out,
-        base_dir,
-        base_card,
-        teacher_dir=teacher_dir,
-        teacher_card=teacher_card,
-        answers_cache=cache_dir() / "teacher-answers",
-    )
+def _build_organism(recipe: Recipe, out: Path, *, progress: bool = True) -> dict[str, Any]:
+    base_dir, base_card = _base_of(recipe.base, progress)
+    teacher_dir, teacher_card = (None, None)
+    if recipe.teacher is not None:
+        teacher_dir, teacher_card = _base_of(recipe.teacher, progress)
+    with _loading_bars(progress):
+        return build(
+            recipe,
+            out,
+            base_dir,
+            base_card,
+            teacher_dir=teacher_dir,
+            teacher_card=teacher_card,
+            answers_cache=cache_dir() / "teacher-answers",
+            progress=progress,
+        )
 
 
-def _base_of(base: str) -> tuple[Path, dict[str, Any] | None]:
+def _base_of(base: str, progress: bool = True) -> tuple[Path, dict[str, Any] | None]:
     """The base model's directory, and its card when it is a catalogue alias."""
     if base in CATALOGUE:
-        return ensure(CATALOGUE[base]), read_card(base)
+        return ensure(CATALOGUE[base], progress=progress), read_card(base)
     path = Path(base).expanduser()
     if not (path / "config.json").is_file():
         raise ModelSpecError(f"organism base {base!r} is neither an alias nor a model directory")
@@ -131,9 +133,10 @@ def _alias(name: str) -> Alias:
     return CATALOGUE[name]
 
 
-def ensure_alias(name: str, *, rebuild: bool = False) -> Path:
-    """Build alias ``name`` into the cache if needed and return its directory."""
-    return ensure(_alias(name), rebuild=rebuild)
+def ensure_alias(name: str, *, rebuild: bool = False, progress: bool = True) -> Path:
+    """Build alias ``name`` into the cache if needed and return its directory
+    (``progress=False``: without progress bars)."""
+    return ensure(_alias(name), rebuild=rebuild, progress=progress)
 
 
 def is_cached(name: str) -> bool:
@@ -174,10 +177,11 @@ def load_model(
     >>> model = load_model("meta-llama/Llama-3.1-8B-Instruct", device_map="auto")  # doctest: +SKIP
 
     ``device_map`` / ``n_devices`` split large models over several GPUs;
-    ``progress=False`` hides the loading progress bars.
+    ``progress=False`` hides the progress bars of loading (and of building an alias
+    that is not cached yet).
     """
     kind, name = resolve_spec(spec)
-    source = str(ensure_alias(name)) if kind == "alias" else name
+    source = str(ensure_alias(name, progress=progress)) if kind == "alias" else name
     try:
         return boot(
             source,
@@ -208,7 +212,9 @@ def _recipe_of(name_or_recipe: str | Recipe) -> Recipe:
     return RECIPES[name_or_recipe]
 
 
-def build_organism(name_or_recipe: str | Recipe, *, rebuild: bool = False, **overrides: Any) -> Path:
+def build_organism(
+    name_or_recipe: str | Recipe, *, rebuild: bool = False, progress: bool = True, **overrides: Any
+) -> Path:
     """Build an organism into the cache if needed and return its directory.
 
     ``name_or_recipe`` is a built-in organism's name or a :class:`Recipe` of your own
@@ -217,10 +223,11 @@ def build_organism(name_or_recipe: str | Recipe, *, rebuild: bool = False, **ove
     that variant, and its card says so. A cached build whose recorded recipe differs
     from the one asked for (another variant, an older version) is rebuilt. The
     catalogue is never changed: a variant is built through an alias of its own.
+    ``progress=False`` hides the build's progress bars.
     """
     recipe = _recipe_of(name_or_recipe)
     wanted = dataclasses.replace(recipe, **overrides) if overrides else recipe
-    return ensure(organism_alias(wanted), rebuild=rebuild)
+    return ensure(organism_alias(wanted), rebuild=rebuild, progress=progress)
 
 
 def organism_judge(name_or_recipe: str | Recipe) -> SubstringJudge:

