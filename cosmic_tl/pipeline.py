@@ -406,7 +406,10 @@ class Pipeline:
         judge = run_judge(self.cfg)
 
         def work() -> dict[str, Any]:
-            self._evaluate(judge).save(self.dir.metrics)
+            metrics = self._evaluate(judge)
+            metrics.save(self.dir.metrics)
+            for warning in metrics.warnings:
+                self.say(f"warning: {warning}")
             return {}
 
         self._stage(

@@ -114,7 +114,8 @@ def render(dir_: RunDir, cfg: Config) -> str:
                 (f"{method}: refusal on harmless, direction added", _rate(m.harmless_added)),
                 (f"{method}: KL on harmless", "–" if m.kl is None else f"{m.kl:.4f}"),
             ]
-        parts.append("<h2>Evaluation (refusal rates, Wilson 95% intervals)</h2>" + _table(rows))
+        warn = "".join(f"<p><span class=warn>warning: {_esc(w)}</span></p>" for w in metrics.warnings)
+        parts.append("<h2>Evaluation (refusal rates, Wilson 95% intervals)</h2>" + _table(rows) + warn)
     audit = _load(dir_.audit, Audit)
     if audit is not None:
         parts.append(_audit_section(audit))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from cosmic_tl import cli
 from cosmic_tl.config import Config, preset
+from cosmic_tl.evaluation import Rate
 
 
 def _args(tiny_dir, out, *extra):
@@ -72,6 +74,18 @@ def test_run_writes_every_artifact(first_run):
     assert f"candidates {stages['candidates']['seconds']:.1f}" in report
     cfg = Config.from_dict(json.loads((first_run / "config.json").read_text()))
     assert cfg.n_train == 4 and cfg.selection.kl_threshold == 1e9
+
+
+def test_report_warns_when_the_model_refuses_harmless_prompts(first_run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(first_run, out)
+    assert "the model refuses" not in (out / "report.html").read_text()  # 0 of 2 refused
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["harmless, no intervention"] = Rate.of(2, 2).to_dict()  # interval from 34 %
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    assert cli.main(["report", "--out", str(out)]) == 0
+    report = (out / "report.html").read_text()
+    assert "warning: the model refuses 2 of 2 harmless test prompts" in report
 
 
 def test_second_run_reuses_and_changed_setting_recomputes(first_run, tiny_dir, caplog):

@@ -85,6 +85,17 @@ def test_a_second_process_is_refused_while_a_pipeline_runs(tiny_dir, tmp_path):
 # ---------------------------------------------------------------- metrics record
 
 
+def test_metrics_warn_only_when_harmless_refusal_is_surely_above_five_percent():
+    def warnings(k: int, n: int) -> tuple[str, ...]:
+        return RunMetrics(("I'm sorry",), Rate.of(16, 16), Rate.of(k, n)).warnings
+
+    assert warnings(0, 32) == () and warnings(0, 0) == ()
+    assert Rate.of(3, 32).low < 0.05 and warnings(3, 32) == ()  # 9 %, but could be 5 % or less
+    assert Rate.of(5, 16).low > 0.05
+    (only,) = warnings(5, 16)
+    assert "refuses 5 of 16 harmless test prompts" in only and "KL filter" in only
+
+
 def test_metrics_record_round_trips():
     m = RunMetrics(
         ("I'm sorry",),
