@@ -211,7 +211,8 @@ def _dispatch(ns: argparse.Namespace, say: Any) -> int:
             raise ValueError(f"unknown alias {', '.join(map(repr, unknown))}; see `cosmic-tl models`")
         for alias in ns.aliases:
             if ns.rebuild or not models.is_cached(alias):
-                say(f"building {alias}{_build_time(known[alias])} ...")
+                estimate = models.build_estimate(alias)
+                say(f"building {alias}" + (f" ({estimate})" if estimate else "") + " ...")
             path = models.ensure_alias(alias, rebuild=ns.rebuild, progress=not ns.quiet)
             say(f"built: {path}")
         return 0
@@ -237,7 +238,6 @@ def _dispatch(ns: argparse.Namespace, say: Any) -> int:
             pipe.report()
         return 0
     cfg = config_from_args(ns)
-    _announce_build(cfg, say)
     with Pipeline(
         cfg, ns.out or _default_out(cfg), progress=not ns.quiet, force=ns.force, say=say
     ) as pipe:
@@ -350,34 +350,6 @@ def _stability(ns: argparse.Namespace, say: Any) -> int:
         f"{s['per_resample']:.1f} s per resample)"
     )
     return 0
-
-
-def _build_time(alias: Any) -> str:
-    """How long building ``alias`` takes, from data: the card of its last build if there
-    is one (a rebuild, or a cached build of another recipe), else the catalogue's estimate."""
-    from cosmic_tl import models
-
-    try:
-        last = (models.read_card(alias.name).get("seconds") or {}).get("total")
-    except models.CacheError:
-        last = None
-    if last is not None:
-        return f" (the last build took {_duration(float(last))})"
-    if alias.build_seconds is not None:
-        return f" (about {_duration(alias.build_seconds)}, measured on 2 CPU cores)"
-    return ""
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} seconds" if seconds < 90 else f"{seconds / 60:.0f} minutes"
-
-
-def _announce_build(cfg: Config, say: Any) -> None:
-    from cosmic_tl import models
-
-    kind, name = models.resolve_spec(cfg.model)
-    if kind == "alias" and not models.is_cached(name):
-        say(f"model {name} is not built yet; building it first (see `cosmic-tl build {name}`) ...")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,15 @@ from cosmic_tl.evaluation import (
 from cosmic_tl.export import save_direction
 from cosmic_tl.formats import TOKENIZER_TEMPLATE, published_format_for, use_prompt_format
 from cosmic_tl.interventions import Kind
-from cosmic_tl.models import RECIPES, load_model, model_id, organism_judge, resolve_spec
+from cosmic_tl.models import (
+    RECIPES,
+    build_estimate,
+    is_cached,
+    load_model,
+    model_id,
+    organism_judge,
+    resolve_spec,
+)
 from cosmic_tl.planner import rank_all, resolve_refusal_tokens, score_candidates, unranked
 from cosmic_tl.prompts import (
     clean_prompts,
@@ -203,6 +211,7 @@ class Pipeline:
     @property
     def model(self) -> Any:
         if self._model is None:
+            self._announce_build()
             self.say(f"loading model {self.cfg.model} ...")
             model = load_model(
                 self.cfg.model,
@@ -218,6 +227,17 @@ class Pipeline:
                 model.tokenizer = use_prompt_format(model.tokenizer, fmt)
             self._model = model
         return self._model
+
+    def _announce_build(self) -> None:
+        """Say so before a first use builds the run's model alias (which takes minutes)."""
+        kind, name = resolve_spec(self.cfg.model)
+        if kind == "alias" and not is_cached(name):
+            estimate = build_estimate(name)
+            self.say(
+                f"model {name} is not built yet; building it first"
+                + (f" ({estimate})" if estimate else "")
+                + f"; see `cosmic-tl build {name}` ..."
+            )
 
     def _format(self, instructions: list[str]) -> Prompts:
         """Instructions formatted with the run's system prompt, checked against the context."""

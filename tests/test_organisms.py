@@ -354,3 +354,23 @@ def test_build_command_quiet_hides_the_builds_bars(tiny_in_catalogue, capfd, cap
     assert f"train {name}" in loud  # the training bar, shown by default
     assert f"train {name}" not in quiet and "Loading weights" not in quiet
     assert f"built: {alias_dir(name)}" in caplog.text  # the result is still said
+
+
+def test_run_builds_an_alias_on_first_use_only_after_its_prompts_load(
+    tiny_in_catalogue, tmp_path, caplog
+):
+    from cosmic_tl import cli
+
+    caplog.set_level("INFO", logger="cosmic_tl")
+    name = tiny_in_catalogue.name
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    common = ["--model", name, "--n-train", "4", "--n-val", "2", "--quiet"]
+    bad = ["candidates", *common, "--harmful-train", str(empty), "--out", str(tmp_path / "a")]
+    assert cli.main(bad) == 2
+    assert "file is empty" in caplog.text
+    assert "building" not in caplog.text and not is_cached(name)  # nothing built for nothing
+    caplog.clear()
+    assert cli.main(["candidates", *common, "--out", str(tmp_path / "b")]) == 0
+    assert f"model {name} is not built yet; building it first (about 5 seconds" in caplog.text
+    assert is_cached(name) and (tmp_path / "b" / "candidates.safetensors").is_file()

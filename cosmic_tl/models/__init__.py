@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from cosmic_tl.models.catalogue import (
         CATALOGUE,
         aliases,
+        build_estimate,
         build_organism,
         ensure_alias,
         is_cached,
@@ -42,6 +43,7 @@ _LAZY = {
         (
             "CATALOGUE",
             "aliases",
+            "build_estimate",
             "build_organism",
             "ensure_alias",
             "is_cached",
@@ -73,6 +75,7 @@ __all__ = [
     "Recipe",
     "alias_dir",
     "aliases",
+    "build_estimate",
     "build_organism",
     "cache_dir",
     "ensure_alias",

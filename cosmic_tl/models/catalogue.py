@@ -144,6 +144,26 @@ def is_cached(name: str) -> bool:
     return is_built(_alias(name))
 
 
+def build_estimate(name: str) -> str:
+    """How long building alias ``name`` takes, as a phrase: from the card of its last
+    build if there is one (a rebuild, or a cached build of another recipe), else the
+    catalogue's measured figure, else an empty string."""
+    alias = _alias(name)
+    try:
+        last = (read_card(name).get("seconds") or {}).get("total")
+    except (OSError, ValueError):
+        last = None
+    if last is not None:
+        return f"the last build took {_duration(float(last))}"
+    if alias.build_seconds is not None:
+        return f"about {_duration(alias.build_seconds)}, measured on 2 CPU cores"
+    return ""
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} seconds" if seconds < 90 else f"{seconds / 60:.0f} minutes"
+
+
 def resolve_spec(spec: str | os.PathLike[str]) -> tuple[str, str]:
     """Classify a spec as ``("alias", name)``, ``("dir", path)`` or ``("hub", name)``."""
     text = os.fspath(spec)
