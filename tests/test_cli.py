@@ -88,6 +88,24 @@ def test_report_warns_when_the_model_refuses_harmless_prompts(first_run, tmp_pat
     assert "warning: the model refuses 2 of 2 harmless test prompts" in report
 
 
+def test_evaluate_stage_prints_the_over_refusal_warning(
+    first_run, tmp_path, monkeypatch, caplog, tiny_dir
+):
+    import cosmic_tl.pipeline as pipeline
+    from cosmic_tl.evaluation import SubstringJudge
+
+    out = tmp_path / "copy"
+    shutil.copytree(first_run, out)
+    # A judge that calls every completion a refusal (none has a million characters):
+    # only the evaluate stage recomputes, and the tiny model now "refuses" 2 of 2.
+    monkeypatch.setattr(pipeline, "run_judge", lambda cfg: SubstringJudge(("x",), min_chars=10**6))
+    caplog.set_level("INFO", logger="cosmic_tl")
+    assert cli.main(_args(tiny_dir, out)) == 0
+    assert "[scores] up to date" in caplog.text
+    assert "warning: the model refuses 2 of 2 harmless test prompts" in caplog.text
+    assert json.loads((out / "metrics.json").read_text())["harmless, no intervention"]["k"] == 2
+
+
 def test_second_run_reuses_and_changed_setting_recomputes(first_run, tiny_dir, caplog):
     before = _stages(first_run)
     caplog.set_level("INFO", logger="cosmic_tl")
