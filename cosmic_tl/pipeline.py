@@ -405,6 +405,8 @@ class Pipeline:
                     sel = err.selection
                 sel.save(self.dir.selection(method))
                 self.say(sel.message)
+                for note in sel.notes:
+                    self.say(f"note: {method}: {note}")
                 for warning in sel.warnings:
                     self.say(f"warning: {method}: {warning}")
                 picked[method] = sel

@@ -74,6 +74,7 @@ def render(dir_: RunDir, cfg: Config) -> str:
             if sel.found
             else f"<span class=warn>none: {_esc(sel.message)}</span>"
         )
+        text += "".join(f"<br>note: {_esc(n)}" for n in sel.notes)
         text += "".join(f"<br><span class=warn>warning: {_esc(w)}</span>" for w in sel.warnings)
         summary.append((f"{METHOD_LABELS.get(method, method)} pick", text))
     for method, c in comparison.items():

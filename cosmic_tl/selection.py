@@ -78,6 +78,8 @@ class Selection:
     message: str = ""
     # Why the pick may not be worth having (its scores do not beat no intervention).
     warnings: tuple[str, ...] = ()
+    # What else a reader of the pick should know (higher-ranked candidates the KL filter dropped).
+    notes: tuple[str, ...] = ()
 
     @property
     def found(self) -> bool:
@@ -134,6 +136,7 @@ class Selection:
             "model_id": self.model_id,
             "message": self.message,
             "warnings": list(self.warnings),
+            "notes": list(self.notes),
         }
         return save_record(path, KIND, tensors, meta)
 
@@ -155,6 +158,7 @@ class Selection:
             t.get("reference"),
             meta["message"],
             tuple(meta.get("warnings", ())),
+            tuple(meta.get("notes", ())),
         )
 
 
@@ -426,6 +430,28 @@ def _no_better_than_clean(method: str, values: dict[str, float], clean: dict[str
     return out
 
 
+def _dropped_by_kl(
+    scores: Scores, method: str, ranking: Tensor, reasons: list[list[str]], threshold: float
+) -> list[str]:
+    """A note on the candidates ranked above the pick that the KL filter dropped (empty if none).
+
+    The KL is measured on the harmless validation prompts: a few of them that the model
+    refuses, or nearly refuses, can lift the true refusal direction's KL over the threshold.
+    """
+    dropped = [(i, j) for i, j in _cells(tuple(ranking.shape)) if reasons[i][j] == "kl"]
+    if not dropped:
+        return []
+    sign = -1.0 if method == "cosmic" else 1.0
+    i, j = min(dropped, key=lambda c: (sign * float(ranking[c]), c))
+    kl = float(scores.grids[_kl_grid(scores, method)][i, j])
+    n = len(dropped)
+    return [
+        f"{n} higher-ranked candidate{'s were' if n > 1 else ' was'} dropped by the KL filter, "
+        f"the best at position {scores.positions[i]}, layer {j} (KL {kl:.3g} > {threshold:g} "
+        "on the harmless validation prompts)"
+    ]
+
+
 def _finish(
     method: Method,
     scores: Scores,
@@ -434,12 +460,14 @@ def _finish(
     pick: Cell | None,
     filters: tuple[str, ...],
     candidates: Any | None,
+    threshold: float,
 ) -> Selection:
     counts = {f: sum(r.count(f) for r in reasons) for f in filters}
     total = len(scores.positions) * scores.n_layers
     position = layer = direction = reference = None
     values: dict[str, float] = {}
     warnings: list[str] = []
+    notes: list[str] = []
     if pick is None:
         detail = ", ".join(f"{counts[f]} by {f} (setting: {RELAX[f]})" for f in filters)
         message = f"{method}: all {total} candidates were discarded: {detail}"
@@ -454,6 +482,7 @@ def _finish(
             reference = candidates.reference(position, layer)
         message = f"{method}: picked position {position}, layer {layer} of {total} candidates"
         warnings = _no_better_than_clean(method, values, scores.clean)
+        notes = _dropped_by_kl(scores, method, ranking, reasons, threshold)
     return Selection(
         method,
         position,
@@ -469,6 +498,7 @@ def _finish(
         reference,
         message,
         tuple(warnings),
+        tuple(notes),
     )
 
 
@@ -484,7 +514,7 @@ def _select(
     reasons = PREFILTERS[method](scores, settings)
     order = ranked(ranking, reasons, method == "cosmic")
     pick = _apply_kl(scores, method, order, reasons, settings.kl_threshold)
-    return _finish(method, scores, ranking, reasons, pick, filters, candidates)
+    return _finish(method, scores, ranking, reasons, pick, filters, candidates, settings.kl_threshold)
 
 
 def select_cosmic(

@@ -88,6 +88,18 @@ def test_report_warns_when_the_model_refuses_harmless_prompts(first_run, tmp_pat
     assert "warning: the model refuses 2 of 2 harmless test prompts" in report
 
 
+def test_report_shows_a_selections_notes(first_run, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(first_run, out)
+    record = out / "selection_cosmic.json"
+    meta = json.loads(record.read_text())
+    assert meta["notes"] == []  # the tiny run's KL threshold of 1e9 drops nothing
+    meta["notes"] = ["2 higher-ranked candidates were dropped by the KL filter, the best at …"]
+    record.write_text(json.dumps(meta))
+    assert cli.main(["report", "--out", str(out)]) == 0
+    assert "<br>note: 2 higher-ranked candidates were dropped" in (out / "report.html").read_text()
+
+
 def test_evaluate_stage_prints_the_over_refusal_warning(
     first_run, tmp_path, monkeypatch, caplog, tiny_dir
 ):

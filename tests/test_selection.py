@@ -69,6 +69,22 @@ def test_kl_filter_and_nan():
     assert sel.reasons[1][3] == "kl" and sel.reasons[0][4] == "nan"
 
 
+def test_a_pick_below_kl_dropped_candidates_notes_the_best_of_them(tmp_path):
+    a, s, kl = zeros(), zeros(), zeros()
+    a[1, 3], s[1, 3], kl[1, 3] = 1.0, 1.0, 0.6  # the best: dropped by KL
+    a[1, 5], s[1, 5], kl[1, 5] = 0.9, 0.9, 0.2  # the second: dropped too
+    a[0, 2], s[0, 2], kl[0, 2] = 0.5, 0.5, 0.05  # the pick
+    a[0, 6], s[0, 6], kl[0, 6] = 0.4, 0.4, 0.9  # ranked below the pick: not mentioned
+    sel = select_cosmic(make(a, s, kl))
+    assert sel.pick == (-3, 2)
+    (note,) = sel.notes
+    assert note.startswith("2 higher-ranked candidates were dropped by the KL filter")
+    assert "position -2, layer 3 (KL 0.6 > 0.1" in note
+    assert type(sel).load(sel.save(tmp_path / "sel")).notes == sel.notes
+    kl[1, 3] = kl[1, 5] = 0.0  # now the best is picked: nothing to note
+    assert select_cosmic(make(a, s, kl)).notes == ()
+
+
 def test_last_position_rule_lower_median():
     a, s, kl = zeros(), zeros(), zeros()
     a[0, 2] = a[1, 5] = 1  # argmax layers 2 and 5 → lower median 2
