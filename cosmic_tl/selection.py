@@ -438,7 +438,11 @@ def _dropped_by_kl(
     The KL is measured on the harmless validation prompts: a few of them that the model
     refuses, or nearly refuses, can lift the true refusal direction's KL over the threshold.
     """
-    dropped = [(i, j) for i, j in _cells(tuple(ranking.shape)) if reasons[i][j] == "kl"]
+    dropped = [
+        (i, j)
+        for i, j in _cells((int(ranking.shape[0]), int(ranking.shape[1])))
+        if reasons[i][j] == "kl"
+    ]
     if not dropped:
         return []
     sign = -1.0 if method == "cosmic" else 1.0
