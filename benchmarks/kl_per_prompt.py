@@ -31,22 +31,24 @@ from cosmic_tl.pipeline import load_run_prompts
 from cosmic_tl.prompts import load_prompts
 from cosmic_tl.rundir import RunDir
 from cosmic_tl.scoring import Scores, kl_divergence
-from cosmic_tl.selection import select_cosmic
+from cosmic_tl.selection import NoCandidateError, ranking_order, select_cosmic
 from cosmic_tl.store import read_json
 from cosmic_tl.templates import chat_prompts
 
 
 def best_dropped(scores: Scores, cfg: Config) -> tuple[int, int]:
     """The highest-ranked cell COSMIC's KL filter dropped, else COSMIC's pick."""
-    sel = select_cosmic(scores, cfg.selection)
-    dropped = [
-        (i, j) for i, row in enumerate(sel.reasons) for j, reason in enumerate(row) if reason == "kl"
-    ]
-    if not dropped:
-        assert sel.position is not None and sel.layer is not None
-        return sel.position, sel.layer
-    i, j = max(dropped, key=lambda c: float(sel.ranking[c]))
-    return scores.positions[i], j
+    try:
+        sel = select_cosmic(scores, cfg.selection)
+    except NoCandidateError as err:
+        sel = err.selection
+    order = ranking_order(scores, "cosmic", cfg.selection)
+    cell = next(((i, j) for i, j in order if sel.reasons[i][j] == "kl"), None)
+    if cell is not None:
+        return scores.positions[cell[0]], cell[1]
+    if sel.pick is None:
+        raise SystemExit(f"no candidate was dropped by KL and none was picked: {sel.message}")
+    return sel.pick
 
 
 def main() -> None:

@@ -431,22 +431,18 @@ def _no_better_than_clean(method: str, values: dict[str, float], clean: dict[str
 
 
 def _dropped_by_kl(
-    scores: Scores, method: str, ranking: Tensor, reasons: list[list[str]], threshold: float
+    scores: Scores, method: str, order: list[Cell], reasons: list[list[str]], threshold: float
 ) -> list[str]:
     """A note on the candidates ranked above the pick that the KL filter dropped (empty if none).
 
-    The KL is measured on the harmless validation prompts: a few of them that the model
-    refuses, or nearly refuses, can lift the true refusal direction's KL over the threshold.
+    ``order`` is the ranking the KL walk went down, best first. The KL is measured on the
+    harmless validation prompts: a few of them that the model refuses, or nearly refuses,
+    can lift the true refusal direction's KL over the threshold.
     """
-    dropped = [
-        (i, j)
-        for i, j in _cells((int(ranking.shape[0]), int(ranking.shape[1])))
-        if reasons[i][j] == "kl"
-    ]
+    dropped = [(i, j) for i, j in order if reasons[i][j] == "kl"]
     if not dropped:
         return []
-    sign = -1.0 if method == "cosmic" else 1.0
-    i, j = min(dropped, key=lambda c: (sign * float(ranking[c]), c))
+    i, j = dropped[0]
     kl = float(scores.grids[_kl_grid(scores, method)][i, j])
     n = len(dropped)
     return [
@@ -464,6 +460,7 @@ def _finish(
     pick: Cell | None,
     filters: tuple[str, ...],
     candidates: Any | None,
+    order: list[Cell],
     threshold: float,
 ) -> Selection:
     counts = {f: sum(r.count(f) for r in reasons) for f in filters}
@@ -486,7 +483,7 @@ def _finish(
             reference = candidates.reference(position, layer)
         message = f"{method}: picked position {position}, layer {layer} of {total} candidates"
         warnings = _no_better_than_clean(method, values, scores.clean)
-        notes = _dropped_by_kl(scores, method, ranking, reasons, threshold)
+        notes = _dropped_by_kl(scores, method, order, reasons, threshold)
     return Selection(
         method,
         position,
@@ -518,7 +515,9 @@ def _select(
     reasons = PREFILTERS[method](scores, settings)
     order = ranked(ranking, reasons, method == "cosmic")
     pick = _apply_kl(scores, method, order, reasons, settings.kl_threshold)
-    return _finish(method, scores, ranking, reasons, pick, filters, candidates, settings.kl_threshold)
+    return _finish(
+        method, scores, ranking, reasons, pick, filters, candidates, order, settings.kl_threshold
+    )
 
 
 def select_cosmic(
