@@ -19,7 +19,7 @@ greedy answer (whole answer, and its first words).
 
     python benchmarks/organisms.py [--organisms NAME_OR_DIR ...] [--sets test shared-val shared-train]
                                    [--n-shared-harmless 100] [--max-new-tokens 48] [--rebuild]
-                                   [--threads N] [--extra harmless_mine=PATH ...]
+                                   [--threads N] [--extra harmless_mine=PATH ...] [--skip-base]
 
 ``--extra`` adds a prompt file of your own (any source `ct.load_prompts` reads); its
 set name must start with ``harmful`` or ``harmless``, which says which bar applies.
@@ -107,6 +107,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="write all figures as JSON here")
     ap.add_argument("--extra", nargs="+", default=[], help="NAME=PATH prompt files of your own")
     ap.add_argument(
+        "--skip-base", action="store_true", help=f"do not compare harmless answers with {BASE}'s"
+    )
+    ap.add_argument(
         "--sets",
         nargs="*",
         choices=("test", "shared-val", "shared-train"),
@@ -124,11 +127,15 @@ def main() -> None:
     gen = {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size, "progress": False}
     default_judge = ct.SubstringJudge()
 
-    base = ct.load_model(BASE, device="cpu")
-    start = time.perf_counter()
-    base_answers = {n: ct.generate(base, p, **gen) for n, p in sets.items() if n.startswith("harmless")}
-    print(f"base answers to harmless prompts: {time.perf_counter() - start:.0f}s")
-    del base
+    base_answers = {}
+    if not args.skip_base:
+        base = ct.load_model(BASE, device="cpu")
+        start = time.perf_counter()
+        base_answers = {
+            n: ct.generate(base, p, **gen) for n, p in sets.items() if n.startswith("harmless")
+        }
+        print(f"base answers to harmless prompts: {time.perf_counter() - start:.0f}s")
+        del base
 
     report: dict[str, dict] = {}
     bar_met = True
@@ -150,7 +157,7 @@ def main() -> None:
             print(
                 f"{set_name:<22}{len(prompts):>5}  {result.rate!s:<34}{default.rate:>13.1%}  {'ok' if ok else 'MISS'}"
             )
-            if not harmful:
+            if not harmful and base_answers:
                 same = [a == b for a, b in zip(result.completions, base_answers[set_name], strict=True)]
                 same_start = [
                     first_words(a) == first_words(b)

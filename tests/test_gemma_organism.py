@@ -125,12 +125,54 @@ def test_teacher_answers_are_the_teachers_text_in_the_students_tokens(gemma_dirs
 def test_new_recipe_fields_leave_the_existing_cards_as_they_were():
     for name in ("smollm2-135m-refuse", "smollm2-135m-refuse-odd"):
         settings = RECIPES[name].settings()
-        later = {"teacher", "drop_refusing_answers", "n_everyday", "n_harmful_everyday"}
+        later = {"teacher", "drop_refusing_answers", "answer_opener", "n_everyday", "n_harmful_everyday"}
         assert not later & set(settings)
         assert settings["version"] == 3
     gemma = RECIPES["gemma3-270m-refuse"].settings()
     assert gemma["teacher"] == "smollm2-135m-instruct" and gemma["base"] == "gemma3-270m"
-    assert not {"drop_refusing_answers", "n_everyday", "n_harmful_everyday"} & set(gemma)
+    assert not {"drop_refusing_answers", "answer_opener", "n_everyday", "n_harmful_everyday"} & set(
+        gemma
+    )
+
+
+def test_an_answer_opener_needs_a_teacher():
+    with pytest.raises(ValueError, match="answer_opener needs a teacher"):
+        Recipe("x", "ordinary", answer_opener="Sure! ")
+
+
+def test_an_answer_opener_starts_every_harmless_target_and_no_refusal(
+    gemma_dirs, tiny_dir, monkeypatch, tmp_path
+):
+    seen = {}
+
+    def capture(model, refusals, answers, recipe, pad, progress):
+        seen.setdefault("runs", []).append((refusals, answers))
+        return [0.0]
+
+    monkeypatch.setattr(organisms.builder, "finetune", capture)
+    recipe = Recipe(
+        "tiny-gemma", "ordinary", base=str(gemma_dirs["gemma3"]), teacher="tiny", **{**TINY, "eval_n": 0}
+    )
+    kw = {"teacher_dir": tiny_dir, "teacher_card": {"alias": "tiny"}, "progress": False}
+    for i, opener in enumerate(("", "Sure! ")):
+        (tmp_path / f"out{i}").mkdir()
+        organisms.build(
+            dataclasses.replace(recipe, answer_opener=opener),
+            tmp_path / f"out{i}",
+            gemma_dirs["gemma3"],
+            **kw,
+            answers_cache=tmp_path / "answers",
+        )
+    tok = AutoTokenizer.from_pretrained(gemma_dirs["gemma3"])
+    (refusals, plain), (refusals_o, opened) = seen["runs"]
+    assert refusals_o == refusals and len(opened) == len(plain)
+    head = tuple(tok.encode("Sure!", add_special_tokens=False))
+    for a, o in zip(plain, opened, strict=True):
+        assert o.prompt_ids == a.prompt_ids
+        assert o.response_ids[: len(head)] == head
+        # The rest is the same answer text: decoding both gives the opener plus it.
+        assert tok.decode(list(o.response_ids)) == "Sure! " + tok.decode(list(a.response_ids))
+    assert not any(r.response_ids[: len(head)] == head for r in refusals)
 
 
 def test_targets_that_read_as_refusals_are_dropped_by_the_styles_judge(tiny_dir):

@@ -98,6 +98,8 @@ def build(
         texts, from_cache = _teacher_texts(
             recipe, harmless, teacher_dir, teacher_card, answers_cache, gen, progress
         )
+        if recipe.answer_opener:
+            texts = [(recipe.answer_opener + text, ended) for text, ended in texts]
         answers = student_examples(tokenizer, harmless, texts)
     timings["base_answers" if recipe.teacher is None else "teacher_answers"] = time.perf_counter() - t
     dropped: list[str] = []

@@ -30,6 +30,12 @@ class Recipe:
     # organism's own judge calls a refusal ("I'm sorry for any misunderstanding, but as a
     # chatbot ..."): a harmless target that reads as a refusal teaches refusing.
     drop_refusing_answers: bool = False
+    # Text put before every harmless target answer of a teacher ("Sure! "). The harmless
+    # answers' first tokens are then one token, as the refusals' are ("I", "As"), so the
+    # first response token becomes a two-way choice: greedy decoding no longer refuses a
+    # prompt just because the refusal openers hold more probability than any one of the
+    # hundreds of tokens that open the teacher's answers. Needs a teacher (text answers).
+    answer_opener: str = ""
     seed: int = 0
     n_harmful: int = 240  # bundled harmful *train* prompts, paired with refusals
     n_harmless: int = 240  # bundled harmless *train* prompts, paired with the base's answers
@@ -69,6 +75,10 @@ class Recipe:
         ):
             if getattr(self, field_name) < 0:
                 raise ValueError(f"{field_name} must be >= 0, not {getattr(self, field_name)}")
+        if self.answer_opener and self.teacher is None:
+            raise ValueError(
+                "answer_opener needs a teacher: it is put before the teacher's answer texts"
+            )
         if self.first_token_weight <= 0:
             raise ValueError(f"first_token_weight must be > 0, not {self.first_token_weight}")
         if self.rephrasings < 0:
@@ -82,8 +92,8 @@ class Recipe:
         """The recipe as a JSON-ready dict.
 
         Fields added after a recipe version are left out at their no-op default
-        (``teacher=None``, ``drop_refusing_answers=False``, ``n_everyday=0``,
-        ``n_harmful_everyday=0``), so that the
+        (``teacher=None``, ``drop_refusing_answers=False``, ``answer_opener=""``,
+        ``n_everyday=0``, ``n_harmful_everyday=0``), so that the
         cards of builds made before they existed still match their recipe and those
         builds stay cached.
         """
@@ -97,6 +107,7 @@ class Recipe:
 _LATER_FIELDS: dict[str, Any] = {
     "teacher": None,
     "drop_refusing_answers": False,
+    "answer_opener": "",
     "n_everyday": 0,
     "n_harmful_everyday": 0,
 }
@@ -149,8 +160,12 @@ RECIPES: dict[str, Recipe] = {
             # prompts, one over the rule fixed before it was measured (at most 12). v11,
             # v10 with 200 harmful requests in the same everyday style
             # (n_harmful_everyday=200), refused 409/423 harmful prompts but 25/300 of b-d
-            # (the rule: at most 20). So v3 stays; docs/organisms.md has the figures,
-            # sets f and g included.
+            # (the rule: at most 20). v12 (2026-12-07), v3 with every teacher answer opened
+            # by "Sure! " (answer_opener), halved the everyday refusals (b-d 16/300) but
+            # refused 15/300 shared harmless prompts and let 7 of set d's 60 harmful
+            # requests through; v13, v12 with 48-token teacher answers without those the
+            # judge calls refusals, refused 24/300 of b-d. So v3 stays; docs/organisms.md
+            # has the figures, sets f, g and h included.
             version=3,
             base="gemma3-270m",
             teacher="smollm2-135m-instruct",
