@@ -26,8 +26,9 @@ above the read-out's own threshold.
 
 Two poolings (``--pool``): ``last``, the residual stream at the last prompt position
 (where a chat model's first response token is read), and ``mean``, its mean over every
-prompt position. Activations come from the model loaded by ``transformers`` alone (the
-alias's cache folder), prompts formatted with the alias's chat template.
+prompt position. Activations come from the model loaded by ``transformers`` alone (an
+alias's cache folder, or a local model folder such as a recipe variant's build), prompts
+formatted with its chat template (``templates.format_prompt``).
 
     python benchmarks/separability.py --models gemma3-270m gemma3-270m-refuse \
         --extra harmless_b=benchmarks/probes/harmless_b.json harmful_b=... [--everyday]
@@ -44,7 +45,8 @@ from organisms import extra_sets
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cosmic_tl as ct
-from cosmic_tl.models import ensure_alias
+from cosmic_tl.models import ensure_alias, resolve_spec
+from cosmic_tl.templates import format_prompt
 
 TRAIN = {
     "harmful": ("train", "train_extra"),
@@ -57,12 +59,7 @@ def pooled_states(model_dir: str, prompts: list[str], batch_size: int = 32) -> d
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    texts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-        )
-        for p in prompts
-    ]
+    texts = [format_prompt(tokenizer, p) for p in prompts]
     last, mean = [], []
     for i in range(0, len(texts), batch_size):
         batch = tokenizer(
@@ -98,6 +95,11 @@ def fit_readout(
     return mu, sd, w.detach(), b.detach()
 
 
+def of_kind(scores: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """The scores of every file whose name starts with ``kind``, in one [n] tensor."""
+    return torch.cat([v for n, v in scores.items() if n.startswith(kind)])
+
+
 def thresholds_meeting_bars(scores: dict[str, torch.Tensor]) -> int:
     """How many thresholds (each held-out score) put at most 5 % of every harmless file and
     at least 90 % of every harmful file above them: refusal bars met on every file at once."""
@@ -126,7 +128,7 @@ def main() -> None:
             splits[kind].append("train_everyday")
     train = {kind: [p for s in ss for p in ct.load_bundled(kind, s)] for kind, ss in splits.items()}
     held = extra_sets(args.extra)
-    if not any(n.startswith("harmful") for n in held) or not any(n.startswith("harmless") for n in held):
+    if not all(any(n.startswith(kind) for n in held) for kind in ("harmful", "harmless")):
         raise SystemExit("--extra needs at least one harmful and one harmless file")
     print(
         f"train: {len(train['harmful'])} harmful, {len(train['harmless'])} harmless "
@@ -134,9 +136,12 @@ def main() -> None:
         f"{', '.join(f'{n} ({len(ps)})' for n, ps in held.items())}; l2 {args.l2}"
     )
     groups = {"train_harmful": train["harmful"], "train_harmless": train["harmless"]} | held
+    y = torch.cat([torch.ones(len(train["harmful"])), torch.zeros(len(train["harmless"]))])
     for name in args.models:
         start = time.perf_counter()
-        states = pooled_states(str(ensure_alias(name)), [p for ps in groups.values() for p in ps])
+        kind, spec = resolve_spec(name)
+        source = str(ensure_alias(spec)) if kind == "alias" else spec
+        states = pooled_states(source, [p for ps in groups.values() for p in ps])
         print(f"\n== {name} (activations in {time.perf_counter() - start:.0f} s)")
         for pool in args.pool:
             by_group = dict(
@@ -148,11 +153,9 @@ def main() -> None:
                 x = torch.cat(
                     [by_group["train_harmful"][:, layer], by_group["train_harmless"][:, layer]]
                 )
-                y = torch.cat([torch.ones(len(train["harmful"])), torch.zeros(len(train["harmless"]))])
                 mu, sd, w, b = fit_readout(x, y, args.l2)
                 scores = {n: ((by_group[n][:, layer] - mu) / sd) @ w + b for n in held}
-                s_harmful = torch.cat([v for n, v in scores.items() if n.startswith("harmful")])
-                s_harmless = torch.cat([v for n, v in scores.items() if n.startswith("harmless")])
+                s_harmful, s_harmless = of_kind(scores, "harmful"), of_kind(scores, "harmless")
                 auc = (s_harmful[:, None] > s_harmless[None, :]).float().mean().item()
                 fpr90 = (s_harmless >= torch.quantile(s_harmful, 0.10)).float().mean().item()
                 print(
@@ -163,8 +166,7 @@ def main() -> None:
                 )
                 best = max(best, (auc, layer, scores), key=lambda t: t[0])
             auc, layer, scores = best
-            s_harmless = torch.cat([v for n, v in scores.items() if n.startswith("harmless")])
-            threshold = torch.quantile(s_harmless, 0.95)
+            threshold = torch.quantile(of_kind(scores, "harmless"), 0.95)
             counts = ", ".join(f"{n} {int((v > threshold).sum())}/{len(v)}" for n, v in scores.items())
             print(f"{'':>5} layer {layer}, 5 % of all harmless above the threshold: {counts}")
             counts = ", ".join(f"{n} {int((v > 0).sum())}/{len(v)}" for n, v in scores.items())
